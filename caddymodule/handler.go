@@ -1,0 +1,337 @@
+package caddymodule
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/peermirror/peermirror/contentstore"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// maxManifestSize bounds the manifests served; registries refuse larger
+// ones.
+const maxManifestSize = 4 << 20
+
+// Handler serves the OCI distribution pull API (GET and HEAD of manifests
+// and blobs under /v2/) from this node's containerd, through the peermirror
+// app. Requests outside /v2 go to the next handler, so the mirror can share
+// a site with other routes.
+type Handler struct {
+	app    *App
+	logger *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.peermirror",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision finds the peermirror app, loading it with its defaults when
+// the config has none.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	appIface, err := ctx.App("peermirror")
+	if err != nil {
+		return fmt.Errorf("loading peermirror app: %w", err)
+	}
+	h.app = appIface.(*App)
+	return nil
+}
+
+// ServeHTTP answers one OCI request.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if r.URL.Path != "/v2" && !strings.HasPrefix(r.URL.Path, "/v2/") {
+		return next.ServeHTTP(w, r)
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		h.refuse(w, r, &requestError{status: http.StatusMethodNotAllowed, code: codeUnsupported,
+			message: "this mirror is read-only: only GET and HEAD are allowed"})
+		return nil
+	}
+	req, rerr := parseRequest(r.URL)
+	if rerr != nil {
+		h.refuse(w, r, rerr)
+		return nil
+	}
+	if req.kind == kindBase {
+		w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", "2")
+		w.WriteHeader(http.StatusOK)
+		if r.Method == http.MethodGet {
+			_, _ = io.WriteString(w, "{}")
+		}
+		return nil
+	}
+
+	if req.kind == kindManifest && req.tag != "" && req.registry == "" {
+		h.miss(w, r, req, "a tag can only be resolved with the ns query parameter naming its registry")
+		return nil
+	}
+	if req.registry != "" && !h.app.Mirrors(req.registry) {
+		h.miss(w, r, req, "registry "+req.registry+" is not mirrored here")
+		return nil
+	}
+	store := h.app.Store()
+	if store == nil {
+		h.miss(w, r, req, "peermirror is not started yet")
+		return nil
+	}
+
+	start := time.Now()
+	var err error
+	if req.kind == kindManifest {
+		err = h.serveManifest(w, r, store, req)
+	} else {
+		err = h.serveBlob(w, r, store, req)
+	}
+	switch {
+	case err == nil:
+	case errors.Is(err, contentstore.ErrNotFound), errors.Is(err, contentstore.ErrUnavailable),
+		errors.Is(err, errWrongKind):
+		h.miss(w, r, req, err.Error())
+	default:
+		h.logger.Error("serving from containerd", zap.String("uri", r.RequestURI), zap.Error(err))
+		writeError(w, r, http.StatusInternalServerError, codeInternal, "reading from containerd failed")
+	}
+	if ce := h.logger.Check(zapcore.DebugLevel, "served"); ce != nil && err == nil {
+		ce.Write(zap.String("kind", req.kind.String()), zap.String("registry", req.registry),
+			zap.String("name", req.name), zap.String("reference", req.reference()),
+			zap.String("source", "local"), zap.Duration("duration", time.Since(start)))
+	}
+	return nil
+}
+
+// errWrongKind is a digest asked for as the wrong kind: a manifest under
+// /blobs/ or a layer under /manifests/.
+var errWrongKind = errors.New("content is not of the kind asked for")
+
+// serveManifest answers a manifest request by tag or digest.
+func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, store *contentstore.Store, req ociRequest) error {
+	ctx := r.Context()
+	var desc ocispec.Descriptor
+	var err error
+	if req.tag != "" {
+		desc, err = store.Resolve(ctx, req.ref())
+	} else {
+		desc, err = store.Descriptor(ctx, req.digest)
+	}
+	if err != nil {
+		return err
+	}
+	if !contentstore.IsManifest(desc.MediaType) {
+		return fmt.Errorf("%s is a %s: %w", desc.Digest, desc.MediaType, errWrongKind)
+	}
+	setContentHeaders(w.Header(), desc)
+	if checkNotModified(w, r, desc) {
+		return nil
+	}
+	if r.Method == http.MethodHead {
+		w.WriteHeader(http.StatusOK)
+		return nil
+	}
+	b, err := store.ReadBlob(ctx, desc, maxManifestSize)
+	if err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(b)
+	return nil
+}
+
+// serveBlob answers a blob request, whole or a single range.
+func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, store *contentstore.Store, req ociRequest) error {
+	ctx := r.Context()
+	desc, err := store.Descriptor(ctx, req.digest)
+	if err != nil {
+		return err
+	}
+	if contentstore.IsManifest(desc.MediaType) {
+		return fmt.Errorf("%s is a manifest: %w", desc.Digest, errWrongKind)
+	}
+	hdr := w.Header()
+	setContentHeaders(hdr, desc)
+	hdr.Set("Accept-Ranges", "bytes")
+	if checkNotModified(w, r, desc) {
+		return nil
+	}
+
+	rng, partial, rerr := blobRange(r, desc)
+	if rerr != nil {
+		hdr.Set("Content-Range", "bytes */"+strconv.FormatInt(desc.Size, 10))
+		hdr.Del("Content-Type")
+		hdr.Del("Content-Length")
+		h.refuse(w, r, &requestError{status: http.StatusRequestedRangeNotSatisfiable,
+			code: codeRangeInvalid, message: "range " + quoteShort(r.Header.Get("Range")) +
+				" cannot be served from a blob of " + strconv.FormatInt(desc.Size, 10) + " bytes"})
+		return nil
+	}
+	status := http.StatusOK
+	if partial {
+		status = http.StatusPartialContent
+		hdr.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", rng.start, rng.start+rng.length-1, desc.Size))
+		hdr.Set("Content-Length", strconv.FormatInt(rng.length, 10))
+	}
+	if r.Method == http.MethodHead {
+		w.WriteHeader(status)
+		return nil
+	}
+
+	c, err := store.Open(ctx, req.digest)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	w.WriteHeader(status)
+	n, err := copyContent(w, c, rng)
+	if err != nil {
+		// the status line is gone; returning short of Content-Length makes
+		// the server close the connection, so the client sees the cut
+		if isClientGone(ctx, err) {
+			h.logger.Debug("client left during blob transfer", zap.String("digest", desc.Digest.String()),
+				zap.Int64("sent", n), zap.Int64("wanted", rng.length), zap.Error(err))
+		} else {
+			h.logger.Warn("blob transfer from containerd failed", zap.String("digest", desc.Digest.String()),
+				zap.Int64("sent", n), zap.Int64("wanted", rng.length), zap.Error(err))
+		}
+	}
+	return nil
+}
+
+// blobRange returns the part of the blob to send: all of it unless the
+// request carries a single satisfiable Range (and, with If-Range, the
+// validator still matches).
+func blobRange(r *http.Request, desc ocispec.Descriptor) (byteRange, bool, error) {
+	whole := byteRange{start: 0, length: desc.Size}
+	header := r.Header.Get("Range")
+	if header == "" {
+		return whole, false, nil
+	}
+	if ir := r.Header.Get("If-Range"); ir != "" && ir != etag(desc) {
+		return whole, false, nil
+	}
+	rng, ok, err := parseRange(header, desc.Size)
+	if err != nil || !ok {
+		return whole, false, err
+	}
+	return rng, true, nil
+}
+
+// copyBufs holds buffers for copies that cannot use sendfile.
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
+
+// copyContent sends rng of c to w. An open-ended range of a blob file is
+// handed to the response writer as the bare *os.File, which lets the
+// server send it with sendfile; other copies go through a pooled buffer.
+func copyContent(w http.ResponseWriter, c *contentstore.Content, rng byteRange) (int64, error) {
+	if f := c.File(); f != nil && rng.start+rng.length == c.Size() {
+		if _, err := f.Seek(rng.start, io.SeekStart); err != nil {
+			return 0, err
+		}
+		n, err := io.Copy(w, f)
+		if err == nil && n != rng.length {
+			err = io.ErrUnexpectedEOF
+		}
+		return n, err
+	}
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	n, err := io.CopyBuffer(writerOnly{w}, c.Section(rng.start, rng.length), *bp)
+	if err == nil && n != rng.length {
+		err = io.ErrUnexpectedEOF
+	}
+	return n, err
+}
+
+// writerOnly hides a ResponseWriter's ReadFrom, so io.CopyBuffer uses the
+// given buffer instead of the writer's own small one.
+type writerOnly struct{ io.Writer }
+
+// isClientGone reports whether a copy failed because the client left.
+func isClientGone(ctx context.Context, err error) bool {
+	return ctx.Err() != nil || errors.Is(err, context.Canceled)
+}
+
+// etag is a blob's entity tag: its digest, which never changes.
+func etag(desc ocispec.Descriptor) string {
+	return `"` + desc.Digest.String() + `"`
+}
+
+// setContentHeaders sets the headers a GET and a HEAD of content share.
+func setContentHeaders(h http.Header, desc ocispec.Descriptor) {
+	mt := desc.MediaType
+	if mt == "" {
+		mt = contentstore.MediaTypeOctetStream
+	}
+	h.Set("Content-Type", mt)
+	h.Set("Content-Length", strconv.FormatInt(desc.Size, 10))
+	h.Set("Docker-Content-Digest", desc.Digest.String())
+	h.Set("Docker-Distribution-API-Version", "registry/2.0")
+	h.Set("ETag", etag(desc))
+	h.Set("X-Content-Type-Options", "nosniff")
+}
+
+// checkNotModified answers 304 when If-None-Match names the content's
+// entity tag (or is *), and reports whether it did.
+func checkNotModified(w http.ResponseWriter, r *http.Request, desc ocispec.Descriptor) bool {
+	inm := r.Header.Get("If-None-Match")
+	if inm == "" {
+		return false
+	}
+	tag := etag(desc)
+	for _, candidate := range strings.Split(inm, ",") {
+		candidate = strings.TrimPrefix(strings.TrimSpace(candidate), "W/")
+		if candidate == tag || candidate == "*" {
+			w.Header().Del("Content-Length")
+			w.WriteHeader(http.StatusNotModified)
+			return true
+		}
+	}
+	return false
+}
+
+// miss answers 404 with the OCI error for the kind asked for, so containerd
+// moves on to the next host at once.
+func (h *Handler) miss(w http.ResponseWriter, r *http.Request, req ociRequest, why string) {
+	code := codeBlobUnknown
+	if req.kind == kindManifest {
+		code = codeManifestUnknown
+	}
+	h.refuse(w, r, &requestError{status: http.StatusNotFound, code: code, message: why})
+}
+
+// refuse sends an OCI error and logs it at debug level: a refused or
+// missed request is routine for a mirror.
+func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, e *requestError) {
+	if ce := h.logger.Check(zapcore.DebugLevel, "request refused"); ce != nil {
+		ce.Write(zap.String("method", r.Method), zap.String("uri", r.RequestURI),
+			zap.Int("status", e.status), zap.String("code", e.code), zap.String("reason", e.message))
+	}
+	writeError(w, r, e.status, e.code, e.message)
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

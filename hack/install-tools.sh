@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the real components the tests run (containerd, ctr, the
+# distribution registry, crictl) into .tools/bin with `go install`, each only
+# when it is missing or at another version. Safe to run repeatedly.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+export GOBIN="${GOBIN:-$root/.tools/bin}"
+mkdir -p "$GOBIN"
+
+# name|module path|version
+tools=(
+	"containerd|github.com/containerd/containerd/v2/cmd/containerd|v2.4.2"
+	"ctr|github.com/containerd/containerd/v2/cmd/ctr|v2.4.2"
+	"registry|github.com/distribution/distribution/v3/cmd/registry|v3.1.2"
+	"crictl|sigs.k8s.io/cri-tools/cmd/crictl|v1.37.0"
+)
+
+for t in "${tools[@]}"; do
+	IFS='|' read -r name pkg version <<<"$t"
+	stamp="$GOBIN/.$name.version"
+	if [[ -x "$GOBIN/$name" && -f "$stamp" && "$(cat "$stamp")" == "$version" ]]; then
+		continue
+	fi
+	echo "install-tools: go install $pkg@$version" >&2
+	start=$SECONDS
+	GOFLAGS=-mod=mod CGO_ENABLED=0 go install "$pkg@$version"
+	echo "$version" >"$stamp"
+	echo "install-tools: $name done in $((SECONDS - start))s" >&2
+done
