@@ -14,6 +14,7 @@ tools=(
 	"ctr|github.com/containerd/containerd/v2/cmd/ctr|v2.4.2"
 	"registry|github.com/distribution/distribution/v3/cmd/registry|v3.1.2"
 	"crictl|sigs.k8s.io/cri-tools/cmd/crictl|v1.37.0"
+	"crane|github.com/google/go-containerregistry/cmd/crane|v0.22.1"
 )
 
 for t in "${tools[@]}"; do
