@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"testing"
 	"time"
 )
 
@@ -27,7 +26,7 @@ var (
 // CaddyBinary returns the path of a Caddy built with the peermirror plugin:
 // $PEERMIRROR_CADDY when set, or else one built from ./cmd/caddy into a
 // temporary directory (once per test binary).
-func CaddyBinary(t testing.TB) string {
+func CaddyBinary(t T) string {
 	t.Helper()
 	if bin := os.Getenv(caddyBinaryEnv); bin != "" {
 		abs, err := filepath.Abs(bin)
@@ -77,7 +76,7 @@ type Caddy struct {
 // mirror port and admin address it is given, and waits until GET /v2/
 // answers 200. Debug logging is on, so each served request is logged.
 // t.Cleanup stops it.
-func StartCaddy(t testing.TB, site func(port int, admin string) string) *Caddy {
+func StartCaddy(t T, site func(port int, admin string) string) *Caddy {
 	t.Helper()
 	c := &Caddy{bin: CaddyBinary(t), Dir: makeTempDir(t, "pm-caddy-")}
 	c.logPath = filepath.Join(c.Dir, "caddy.log")
@@ -91,7 +90,7 @@ func StartCaddy(t testing.TB, site func(port int, admin string) string) *Caddy {
 	return c
 }
 
-func (c *Caddy) start(t testing.TB) {
+func (c *Caddy) start(t T) {
 	t.Helper()
 	path := filepath.Join(c.Dir, "Caddyfile")
 	if err := os.WriteFile(path, []byte(c.caddyfile), 0o644); err != nil {
@@ -119,7 +118,7 @@ func (c *Caddy) start(t testing.TB) {
 }
 
 // Stop stops Caddy; it is safe to call more than once.
-func (c *Caddy) Stop(t testing.TB) {
+func (c *Caddy) Stop(t T) {
 	t.Helper()
 	if c.proc == nil {
 		return
@@ -152,7 +151,7 @@ func (c *Caddy) LogLines(parts ...string) []string {
 
 // Get sends a GET for path (with query) to the mirror, bounded by a hang
 // detector.
-func (c *Caddy) Get(t testing.TB, path string, header ...string) (*http.Response, []byte) {
+func (c *Caddy) Get(t T, path string, header ...string) (*http.Response, []byte) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), hangTimeout)
 	defer cancel()
@@ -189,7 +188,7 @@ func readAll(resp *http.Response) ([]byte, error) {
 
 // RunCaddy runs the Caddy binary with args (such as "validate" or
 // "list-modules") and returns its combined output.
-func RunCaddy(t testing.TB, args ...string) (string, error) {
+func RunCaddy(t T, args ...string) (string, error) {
 	t.Helper()
 	dir := t.TempDir()
 	return runTool(childEnv("HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir), CaddyBinary(t), args...)
@@ -197,7 +196,7 @@ func RunCaddy(t testing.TB, args ...string) (string, error) {
 
 // WriteFile writes data to a file named name in a temporary directory and
 // returns its path.
-func WriteFile(t testing.TB, name, data string) string {
+func WriteFile(t T, name, data string) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), name)
 	if err := os.WriteFile(path, []byte(data), 0o644); err != nil {

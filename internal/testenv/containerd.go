@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"testing"
 
 	"github.com/containerd/containerd/v2/client"
 )
@@ -68,7 +67,7 @@ func WithLogLevel(level string) ContainerdOption {
 // and waits until it answers Version. t.Cleanup stops it (SIGTERM, then
 // SIGKILL after 30 s) and removes its directories; if the test failed, the
 // tail of its log is logged.
-func StartContainerd(t testing.TB, opts ...ContainerdOption) *Containerd {
+func StartContainerd(t T, opts ...ContainerdOption) *Containerd {
 	t.Helper()
 	o := containerdOptions{logLevel: "info"}
 	for _, opt := range opts {
@@ -210,7 +209,7 @@ func (c *Containerd) Running() bool {
 // Stop stops containerd with SIGTERM and waits for it to exit (SIGKILL after
 // 30 s, reported as a test error). It does nothing if containerd is not
 // running.
-func (c *Containerd) Stop(t testing.TB) {
+func (c *Containerd) Stop(t T) {
 	t.Helper()
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -224,7 +223,7 @@ func (c *Containerd) Stop(t testing.TB) {
 
 // Kill kills containerd with SIGKILL and waits for it to exit, leaving its
 // root and state as a crash would.
-func (c *Containerd) Kill(t testing.TB) {
+func (c *Containerd) Kill(t T) {
 	t.Helper()
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -236,7 +235,7 @@ func (c *Containerd) Kill(t testing.TB) {
 // Restart stops containerd if it is running, starts it again with the same
 // config, root, state and socket, and waits until it answers Version.
 // Clients from [Containerd.Client] reconnect by themselves.
-func (c *Containerd) Restart(t testing.TB) {
+func (c *Containerd) Restart(t T) {
 	t.Helper()
 	c.Stop(t)
 	if err := c.start(ToolPath(t, "containerd")); err != nil {
@@ -246,7 +245,7 @@ func (c *Containerd) Restart(t testing.TB) {
 
 // Client returns a new containerd client for c with Namespace as default
 // namespace; t.Cleanup closes it.
-func (c *Containerd) Client(t testing.TB) *client.Client {
+func (c *Containerd) Client(t T) *client.Client {
 	t.Helper()
 	cl, err := client.New(c.Socket, client.WithDefaultNamespace(c.Namespace), client.WithTimeout(hangTimeout))
 	if err != nil {
@@ -259,7 +258,7 @@ func (c *Containerd) Client(t testing.TB) *client.Client {
 // Ctr runs "ctr --address <Socket> -n <Namespace> args..." and returns its
 // combined output. ctr's cgroup v1 deprecation warning on stderr is part of
 // the output, not an error. The run is bounded by a hang timeout.
-func (c *Containerd) Ctr(t testing.TB, args ...string) (string, error) {
+func (c *Containerd) Ctr(t T, args ...string) (string, error) {
 	t.Helper()
 	full := append([]string{"--address", c.Socket, "--namespace", c.Namespace}, args...)
 	return runTool(childEnv(), c.ctr, full...)
@@ -268,7 +267,7 @@ func (c *Containerd) Ctr(t testing.TB, args ...string) (string, error) {
 // Crictl runs "crictl --runtime-endpoint unix://<Socket> --image-endpoint
 // unix://<Socket> args..." with a private crictl config and returns its
 // combined output. The run is bounded by a hang timeout.
-func (c *Containerd) Crictl(t testing.TB, args ...string) (string, error) {
+func (c *Containerd) Crictl(t T, args ...string) (string, error) {
 	t.Helper()
 	c.mu.Lock()
 	if c.crictl == "" {
@@ -300,7 +299,7 @@ func (c *Containerd) Crictl(t testing.TB, args ...string) (string, error) {
 // URLs (no --plain-http needed), adding "?ns=<registryHost>" to each request. upstream and every mirror must be http(s) URLs of loopback
 // addresses (the harness never lets containerd resolve a name). It replaces
 // an existing file; containerd reads it on every pull.
-func (c *Containerd) WriteHostsToml(t testing.TB, registryHost, upstream string, mirrors ...string) {
+func (c *Containerd) WriteHostsToml(t T, registryHost, upstream string, mirrors ...string) {
 	t.Helper()
 	if registryHost == "" || strings.ContainsAny(registryHost, "/\\ ") {
 		t.Fatalf("testenv: WriteHostsToml: bad registry host %q", registryHost)
@@ -354,7 +353,7 @@ func (c *Containerd) LogPath() string { return c.logPath }
 // <ref>". ctr fetches the manifests and configs of every platform of an
 // index but only the layers of (and unpacks) the local platform. It calls
 // t.Fatal on failure and returns ctr's output.
-func (c *Containerd) PullFromRegistry(t testing.TB, reg *Registry, registryHost string, img Image) string {
+func (c *Containerd) PullFromRegistry(t T, reg *Registry, registryHost string, img Image) string {
 	t.Helper()
 	c.WriteHostsToml(t, registryHost, reg.URL)
 	return c.PullRef(t, img.Ref(registryHost))
@@ -363,7 +362,7 @@ func (c *Containerd) PullFromRegistry(t testing.TB, reg *Registry, registryHost 
 // PullFromRegistryAllPlatforms is [Containerd.PullFromRegistry] with
 // --all-platforms: ctr fetches the content of every platform of an index
 // (and unpacks none).
-func (c *Containerd) PullFromRegistryAllPlatforms(t testing.TB, reg *Registry, registryHost string, img Image) string {
+func (c *Containerd) PullFromRegistryAllPlatforms(t T, reg *Registry, registryHost string, img Image) string {
 	t.Helper()
 	c.WriteHostsToml(t, registryHost, reg.URL)
 	return c.PullRef(t, img.Ref(registryHost), "--all-platforms")
@@ -373,7 +372,7 @@ func (c *Containerd) PullFromRegistryAllPlatforms(t testing.TB, reg *Registry, r
 // calls t.Fatal on failure. A hosts.toml for the host of ref must have been
 // written with [Containerd.WriteHostsToml] (t.Fatal otherwise: the harness
 // never lets containerd resolve a registry name through DNS).
-func (c *Containerd) PullRef(t testing.TB, ref string, flags ...string) string {
+func (c *Containerd) PullRef(t T, ref string, flags ...string) string {
 	t.Helper()
 	host, _, _ := strings.Cut(ref, "/")
 	if !c.hostsTomlExists(host) {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"strings"
-	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -94,7 +93,7 @@ func (img Image) PlatformDigests(platform string) []digest.Digest {
 // PushRandomImage pushes an image with OCI media types (OCI manifest, OCI
 // config, gzip'd OCI layers) of the given number of random layers, each a
 // tar holding one file of layerSize random bytes, for the local platform.
-func (r *Registry) PushRandomImage(t testing.TB, repo, tag string, layers int, layerSize int64) Image {
+func (r *Registry) PushRandomImage(t T, repo, tag string, layers int, layerSize int64) Image {
 	t.Helper()
 	img, err := randomImage(LocalPlatform(), layers, layerSize, false)
 	if err != nil {
@@ -105,7 +104,7 @@ func (r *Registry) PushRandomImage(t testing.TB, repo, tag string, layers int, l
 
 // PushDockerImage pushes an image with Docker schema 2 media types (manifest,
 // container config, gzip'd layers) of random layers, for the local platform.
-func (r *Registry) PushDockerImage(t testing.TB, repo, tag string, layers int, layerSize int64) Image {
+func (r *Registry) PushDockerImage(t T, repo, tag string, layers int, layerSize int64) Image {
 	t.Helper()
 	img, err := randomImage(LocalPlatform(), layers, layerSize, true)
 	if err != nil {
@@ -117,7 +116,7 @@ func (r *Registry) PushDockerImage(t testing.TB, repo, tag string, layers int, l
 // PushIndex pushes an OCI image index with one random OCI image per platform
 // ("linux/amd64", "linux/arm64/v8", ...), the platform set both in the index
 // descriptors and in each image config.
-func (r *Registry) PushIndex(t testing.TB, repo, tag string, platforms []string, layers int, layerSize int64) Image {
+func (r *Registry) PushIndex(t T, repo, tag string, platforms []string, layers int, layerSize int64) Image {
 	t.Helper()
 	if len(platforms) == 0 {
 		t.Fatalf("testenv: PushIndex: no platforms")
@@ -204,7 +203,7 @@ func parsePlatform(s string) (*v1.Platform, error) {
 	return p, nil
 }
 
-func (r *Registry) ref(t testing.TB, repo, tag string) name.Reference {
+func (r *Registry) ref(t T, repo, tag string) name.Reference {
 	t.Helper()
 	ref, err := name.ParseReference(r.Addr+"/"+repo+":"+tag, name.Insecure, name.StrictValidation)
 	if err != nil {
@@ -213,7 +212,7 @@ func (r *Registry) ref(t testing.TB, repo, tag string) name.Reference {
 	return ref
 }
 
-func (r *Registry) remoteOptions(t testing.TB) []remote.Option {
+func (r *Registry) remoteOptions(t T) []remote.Option {
 	ctx, cancel := context.WithTimeout(context.Background(), commandTimeout)
 	t.Cleanup(cancel)
 	return []remote.Option{
@@ -223,7 +222,7 @@ func (r *Registry) remoteOptions(t testing.TB) []remote.Option {
 	}
 }
 
-func (r *Registry) pushImage(t testing.TB, repo, tag string, img v1.Image) Image {
+func (r *Registry) pushImage(t T, repo, tag string, img v1.Image) Image {
 	t.Helper()
 	ref := r.ref(t, repo, tag)
 	if err := remote.Write(ref, img, r.remoteOptions(t)...); err != nil {

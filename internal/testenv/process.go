@@ -13,7 +13,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 )
 
@@ -175,7 +174,7 @@ func logTail(path string, maxLines, maxBytes int) string {
 
 // logTailOnFailure registers a cleanup that, if the test failed, logs the
 // tail of the log file at path.
-func logTailOnFailure(t testing.TB, what, path string) {
+func logTailOnFailure(t T, what, path string) {
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("testenv: tail of %s log %s:\n%s", what, path, logTail(path, 60, 64<<10))

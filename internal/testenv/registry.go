@@ -10,7 +10,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"testing"
 	"time"
 )
 
@@ -44,7 +43,7 @@ func (r Request) String() string { return r.Method + " " + r.Path }
 // StartRegistry starts a registry with filesystem storage in a fresh
 // directory and waits until it accepts connections. t.Cleanup stops it and
 // removes its directory; if the test failed, the tail of its log is logged.
-func StartRegistry(t testing.TB) *Registry {
+func StartRegistry(t T) *Registry {
 	t.Helper()
 	bin := ToolPath(t, "registry")
 	dir := makeTempDir(t, "pm-reg-")
@@ -111,7 +110,7 @@ http:
 
 // Stop stops the registry (SIGTERM, SIGKILL after 30 s) and waits for it to
 // exit. It does nothing if the registry is not running.
-func (r *Registry) Stop(t testing.TB) {
+func (r *Registry) Stop(t T) {
 	t.Helper()
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -176,7 +175,7 @@ func (r *Registry) Requests() []string {
 // whose "METHOD PATH" equals request, and calls t.Fatal if none appears.
 // The registry logs a request when its handler returns, which can be a
 // moment after the client has read the response.
-func (r *Registry) WaitForRequest(t testing.TB, request string) {
+func (r *Registry) WaitForRequest(t T, request string) {
 	t.Helper()
 	deadline := time.Now().Add(hangTimeout)
 	for {

@@ -28,7 +28,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 )
 
@@ -54,7 +53,7 @@ var (
 
 // RepoRoot returns the repository root: the nearest directory at or above the
 // working directory that holds go.mod. It calls t.Fatal if there is none.
-func RepoRoot(t testing.TB) string {
+func RepoRoot(t T) string {
 	t.Helper()
 	repoRootOnce.Do(func() {
 		repoRootDir, repoRootErr = findRepoRoot()
@@ -84,7 +83,7 @@ func findRepoRoot() (string, error) {
 
 // ToolPath returns the path of .tools/bin/<name> under the repository root.
 // It calls t.Fatal with a hint to run "make tools" if the binary is missing.
-func ToolPath(t testing.TB, name string) string {
+func ToolPath(t T, name string) string {
 	t.Helper()
 	p := filepath.Join(RepoRoot(t), ".tools", "bin", name)
 	fi, err := os.Stat(p)
@@ -99,7 +98,7 @@ func ToolPath(t testing.TB, name string) string {
 
 // FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
 // Another process may still take it before the caller binds it.
-func FreePort(t testing.TB) int {
+func FreePort(t T) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -126,7 +125,7 @@ var sweepOnce sync.Once
 // removal in t.Cleanup, after unmounting anything left mounted below it.
 // The first call in a test binary also removes directories left behind by
 // test binaries that were killed (their processes died with them).
-func makeTempDir(t testing.TB, prefix string) string {
+func makeTempDir(t T, prefix string) string {
 	t.Helper()
 	sweepOnce.Do(func() { sweepStale(t) })
 	dir, err := os.MkdirTemp("/tmp", prefix)
@@ -153,7 +152,7 @@ func makeTempDir(t testing.TB, prefix string) string {
 // (killed before its cleanups ran, e.g. by a test timeout or SIGPIPE).
 // Directories of live test binaries, and ones without an owner file, are
 // left alone.
-func sweepStale(t testing.TB) {
+func sweepStale(t T) {
 	dirs, _ := filepath.Glob("/tmp/pm-*")
 	for _, dir := range dirs {
 		b, err := os.ReadFile(filepath.Join(dir, ownerFile))
@@ -178,7 +177,7 @@ func sweepStale(t testing.TB) {
 
 // unmountBelow lazily unmounts every mount point under dir (overlay mounts
 // left by an interrupted unpack), deepest first.
-func unmountBelow(t testing.TB, dir string) {
+func unmountBelow(t T, dir string) {
 	data, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		return
@@ -312,4 +311,17 @@ func waitFor(exited <-chan struct{}, cond func(ctx context.Context) bool) error 
 		case <-time.After(pollInterval):
 		}
 	}
+}
+
+// T is the part of testing.TB the harness uses. Tests pass their
+// *testing.T; the demo program passes its own implementation.
+type T interface {
+	Helper()
+	Cleanup(func())
+	Errorf(format string, args ...any)
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+	Logf(format string, args ...any)
+	Failed() bool
+	TempDir() string
 }

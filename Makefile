@@ -1,0 +1,51 @@
+# peermirror: build, test, demo. Tests and the demo need root (containerd).
+
+GO          ?= go
+TOOLS_BIN   := $(CURDIR)/.tools/bin
+CADDY       := $(CURDIR)/bin/caddy
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+XCADDY      := github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5
+CADDY_VERSION := v2.11.9
+# go test budget: a generous hang detector for the whole run
+TEST_TIMEOUT ?= 30m
+
+.PHONY: all build tools test test-short lint demo bench xcaddy clean
+
+all: build
+
+## build: a full Caddy (standard modules plus peermirror) in bin/caddy
+build:
+	$(GO) build -o $(CADDY) ./cmd/caddy
+
+## tools: containerd, ctr, the distribution registry, crictl and crane in .tools/bin
+tools:
+	@hack/install-tools.sh
+
+## test: every test, against real containerd, registry and Caddy
+test: tools build
+	PEERMIRROR_CADDY=$(CADDY) $(GO) test -race -timeout $(TEST_TIMEOUT) ./...
+
+## test-short: the unit tests only (no containerd, no root)
+test-short:
+	$(GO) test -short -timeout 5m ./...
+
+## lint: go vet and staticcheck (pinned)
+lint:
+	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+
+## demo: two containerds, a registry and Caddy on loopback; a pull through the mirror
+demo: tools build
+	PEERMIRROR_CADDY=$(CADDY) $(GO) run ./hack/demo
+
+## bench: throughput of blob GETs from the local store
+bench: tools build
+	PEERMIRROR_CADDY=$(CADDY) $(GO) test -run '^$$' -bench . -benchtime 5x -timeout 20m ./bench/
+
+## xcaddy: the same Caddy built the way plugin users build it
+xcaddy:
+	$(GO) run $(XCADDY) build $(CADDY_VERSION) --output $(CADDY) \
+		--with github.com/peermirror/peermirror@v0.0.0=$(CURDIR)
+
+clean:
+	rm -rf bin
