@@ -28,14 +28,14 @@ var (
 // temporary directory (once per test binary).
 func CaddyBinary(t T) string {
 	t.Helper()
-	if bin := os.Getenv(caddyBinaryEnv); bin != "" {
-		abs, err := filepath.Abs(bin)
-		if err != nil {
-			t.Fatalf("testenv: %s: %v", caddyBinaryEnv, err)
-		}
-		return abs
-	}
 	root := RepoRoot(t)
+	if bin := os.Getenv(caddyBinaryEnv); bin != "" {
+		// relative to the repository, not to the package under test
+		if !filepath.IsAbs(bin) {
+			bin = filepath.Join(root, bin)
+		}
+		return bin
+	}
 	caddyOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "pm-caddy-bin-")
 		if err != nil {
