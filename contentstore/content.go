@@ -1,6 +1,7 @@
 package contentstore
 
 import (
+	"fmt"
 	"io"
 	"os"
 
@@ -22,10 +23,22 @@ type Content struct {
 // (not wrapped) lets the HTTP server use sendfile.
 func (c *Content) File() *os.File { return c.file }
 
-// ReadAt reads len(p) bytes at off.
+// ReadAt reads len(p) bytes at off. It behaves as an os.File's ReadAt on
+// both paths: a read that reaches the end returns io.EOF with the bytes it
+// got, and a negative offset is an error.
 func (c *Content) ReadAt(p []byte, off int64) (int, error) {
 	if c.file != nil {
 		return c.file.ReadAt(p, off)
+	}
+	// containerd reads a negative offset as 0, and fails a read that starts
+	// past the end with an error that is not io.EOF
+	switch {
+	case off < 0:
+		return 0, fmt.Errorf("reading %s at %d: negative offset", c.Descriptor.Digest, off)
+	case len(p) == 0:
+		return 0, nil
+	case off >= c.Descriptor.Size:
+		return 0, io.EOF
 	}
 	return c.ra.ReadAt(p, off)
 }

@@ -146,6 +146,7 @@ func (s *Store) Close() error {
 	}
 	s.subs = map[*Subscription]struct{}{}
 	s.mu.Unlock()
+	s.connected.Store(false)
 	if c := s.client.Swap(nil); c != nil {
 		return c.Close()
 	}
@@ -171,12 +172,17 @@ func (s *Store) call(ctx context.Context) (*client.Client, context.Context, cont
 }
 
 // wrap turns a containerd error into ErrNotFound or ErrUnavailable where it
-// is one of those, keeping the original for the message.
+// is one of those, keeping the original for the message. It also keeps
+// Connected true to its word: an answer (a result, or not found) marks the
+// store connected again after a call that timed out while the event stream
+// stayed up.
 func (s *Store) wrap(what string, err error) error {
 	switch {
 	case err == nil:
+		s.connected.Store(true)
 		return nil
 	case errdefs.IsNotFound(err):
+		s.connected.Store(true)
 		return fmt.Errorf("%s: %w", what, ErrNotFound)
 	case errdefs.IsUnavailable(err), errors.Is(err, context.DeadlineExceeded):
 		s.connected.Store(false)
@@ -195,8 +201,8 @@ func (s *Store) Images(ctx context.Context) ([]Image, error) {
 	}
 	defer cancel()
 	list, err := c.ImageService().List(ctx)
-	if err != nil {
-		return nil, s.wrap("listing images", err)
+	if err := s.wrap("listing images", err); err != nil {
+		return nil, err
 	}
 	out := make([]Image, 0, len(list))
 	for _, img := range list {
@@ -209,6 +215,13 @@ func (s *Store) Images(ctx context.Context) ([]Image, error) {
 	return out, nil
 }
 
+// isImageName reports whether name is one that Images lists: a fully
+// qualified reference, not an image ID such as CRI's sha256:<id> records.
+func isImageName(name string) bool {
+	_, err := reference.ParseNamed(name)
+	return err == nil
+}
+
 // Resolve returns the descriptor that the image record ref (for example
 // docker.io/library/nginx:1.27) points at, provided its content is here.
 func (s *Store) Resolve(ctx context.Context, ref string) (ocispec.Descriptor, error) {
@@ -218,8 +231,8 @@ func (s *Store) Resolve(ctx context.Context, ref string) (ocispec.Descriptor, er
 	}
 	defer cancel()
 	img, err := c.ImageService().Get(cctx, ref)
-	if err != nil {
-		return ocispec.Descriptor{}, s.wrap("resolving "+ref, err)
+	if err := s.wrap("resolving "+ref, err); err != nil {
+		return ocispec.Descriptor{}, err
 	}
 	info, err := c.ContentStore().Info(cctx, img.Target.Digest)
 	if err != nil {
@@ -244,8 +257,8 @@ func (s *Store) Descriptor(ctx context.Context, dgst digest.Digest) (ocispec.Des
 	}
 	defer cancel()
 	info, err := c.ContentStore().Info(cctx, dgst)
-	if err != nil {
-		return ocispec.Descriptor{}, s.wrap("looking up "+dgst.String(), err)
+	if err := s.wrap("looking up "+dgst.String(), err); err != nil {
+		return ocispec.Descriptor{}, err
 	}
 	desc := ocispec.Descriptor{Digest: dgst, Size: info.Size}
 	s.mu.RLock()
@@ -264,7 +277,7 @@ func (s *Store) Descriptor(ctx context.Context, dgst digest.Digest) (ocispec.Des
 		}
 		desc.MediaType = DetectMediaType(b)
 	}
-	s.learn(dgst, desc.MediaType)
+	desc.MediaType = s.learnDetected(dgst, desc.MediaType)
 	return desc, nil
 }
 
@@ -280,8 +293,8 @@ func (s *Store) ReadBlob(ctx context.Context, desc ocispec.Descriptor, limit int
 	}
 	defer cancel()
 	b, err := content.ReadBlob(cctx, c.ContentStore(), desc)
-	if err != nil {
-		return nil, s.wrap("reading "+desc.Digest.String(), err)
+	if err := s.wrap("reading "+desc.Digest.String(), err); err != nil {
+		return nil, err
 	}
 	if digest.FromBytes(b) != desc.Digest {
 		return nil, fmt.Errorf("reading %s: content does not match its digest", desc.Digest)
@@ -394,6 +407,19 @@ func (s *Store) learn(dgst digest.Digest, mediaType string) {
 	s.mu.Lock()
 	s.mediaTypes[dgst] = mediaType
 	s.mu.Unlock()
+}
+
+// learnDetected records mediaType, detected from the content of dgst,
+// unless an image record or a parent named a type for dgst meanwhile (a walk
+// running alongside); it returns the type that stands.
+func (s *Store) learnDetected(dgst digest.Digest, mediaType string) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if known := s.mediaTypes[dgst]; known != "" {
+		return known
+	}
+	s.mediaTypes[dgst] = mediaType
+	return mediaType
 }
 
 // forget drops what is known of a digest that containerd deleted.

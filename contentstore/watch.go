@@ -26,7 +26,9 @@ const (
 	ImageDeleted
 	// ContentCreated: a blob was committed (Event.Digest names it).
 	ContentCreated
-	// ContentDeleted: a blob was deleted, usually by garbage collection.
+	// ContentDeleted: a blob was deleted explicitly. Garbage collection
+	// deletes content without an event, so a subscriber that must not
+	// advertise collected content re-lists now and then.
 	ContentDeleted
 	// Resync: the subscriber may have missed changes (containerd came back
 	// after an outage, or the subscriber fell behind) and should list
@@ -256,17 +258,29 @@ func (s *Store) session(ctx context.Context, onConnect func()) error {
 	}
 }
 
-// handle turns one containerd event into a store event.
+// handle turns one containerd event into a store event. Image events for
+// records that Images leaves out (CRI's sha256:<id> records, names that are
+// not valid references) are dropped, so a subscriber that lists on Resync
+// and follows events sees one set of names.
 func (s *Store) handle(ctx context.Context, ev any) {
 	var out Event
 	switch e := ev.(type) {
 	case *eventstypes.ImageCreate:
+		if !isImageName(e.Name) {
+			return
+		}
 		out = Event{Kind: ImageCreated, Image: e.Name}
 		s.learnImage(ctx, e.Name)
 	case *eventstypes.ImageUpdate:
+		if !isImageName(e.Name) {
+			return
+		}
 		out = Event{Kind: ImageUpdated, Image: e.Name}
 		s.learnImage(ctx, e.Name)
 	case *eventstypes.ImageDelete:
+		if !isImageName(e.Name) {
+			return
+		}
 		out = Event{Kind: ImageDeleted, Image: e.Name}
 	case *eventstypes.ContentCreate:
 		out = Event{Kind: ContentCreated, Digest: digest.Digest(e.Digest)}
