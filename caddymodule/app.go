@@ -4,10 +4,13 @@
 package caddymodule
 
 import (
+	"errors"
 	"fmt"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/distribution/reference"
@@ -36,9 +39,48 @@ type App struct {
 	// every registry. Caddyfile: `registries docker.io ghcr.io`.
 	Registries []string `json:"registries,omitempty"`
 
+	// DHT turns on peer to peer: this node advertises what its containerd
+	// holds in a private Kademlia DHT and, on a local miss, fetches from a
+	// peer that advertises the content. Without it the node serves its own
+	// store only. Caddyfile: the `dht` block.
+	DHT *DHTConfig `json:"dht,omitempty"`
+
+	// ResolveTimeout bounds how long a local miss waits for the DHT to name
+	// a peer before answering 404, so containerd goes upstream at once.
+	// Default: 50ms. Caddyfile: `resolve_timeout`.
+	ResolveTimeout caddy.Duration `json:"resolve_timeout,omitempty"`
+
+	// FilterReferences are regular expressions matched against image
+	// references (registry/repository:tag). A matching reference is not
+	// advertised, not resolved through peers and not served by tag, so it
+	// always comes from its registry; for example ":latest$" keeps moving
+	// tags out of the mirror. Digests are served whatever the filters say.
+	// Caddyfile: `filter_reference <regexp>`, repeatable.
+	FilterReferences []string `json:"filter_references,omitempty"`
+
+	// ResolveTags, when false, stops resolving tags through peers: a tag
+	// is then served only from this node's own containerd, and content by
+	// digest from anywhere. Default: true. Caddyfile: `resolve_tags false`.
+	ResolveTags *bool `json:"resolve_tags,omitempty"`
+
+	// HedgeDelay is how long a peer may take to answer before a second
+	// peer is asked in parallel. Default: 100ms. Caddyfile: `hedge_delay`.
+	HedgeDelay caddy.Duration `json:"hedge_delay,omitempty"`
+
+	// PeerTimeout bounds the wait for a peer's response headers, and the
+	// time a peer's body may send nothing before the transfer resumes on
+	// another peer. Default: 2s. Caddyfile: `peer_timeout`.
+	PeerTimeout caddy.Duration `json:"peer_timeout,omitempty"`
+
+	// MaxPeers bounds the peers tried for one request. Default: 3.
+	// Caddyfile: `max_peers`.
+	MaxPeers int `json:"max_peers,omitempty"`
+
 	storeCfg   contentstore.Config
 	poolKey    string
 	registries map[string]bool
+	filters    []*regexp.Regexp
+	fetcher    atomic.Pointer[peerFetcher]
 	store      atomic.Pointer[contentstore.Store]
 	release    sync.Once
 	logger     *zap.Logger
@@ -106,7 +148,61 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 		a.registries[r] = true
 	}
+	for _, expr := range a.FilterReferences {
+		re, err := regexp.Compile(expr)
+		if err != nil {
+			return fmt.Errorf("filter_reference %q: %w", expr, err)
+		}
+		a.filters = append(a.filters, re)
+	}
+	if a.ResolveTimeout == 0 {
+		a.ResolveTimeout = caddy.Duration(50 * time.Millisecond)
+	}
+	if a.HedgeDelay == 0 {
+		a.HedgeDelay = caddy.Duration(100 * time.Millisecond)
+	}
+	if a.PeerTimeout == 0 {
+		a.PeerTimeout = caddy.Duration(2 * time.Second)
+	}
+	if a.MaxPeers == 0 {
+		a.MaxPeers = 3
+	}
+	if a.ResolveTimeout < 0 || a.HedgeDelay < 0 || a.PeerTimeout < 0 || a.MaxPeers < 0 {
+		return errors.New("resolve_timeout, hedge_delay, peer_timeout and max_peers must not be negative")
+	}
+	if a.DHT != nil {
+		if err := a.DHT.provision(); err != nil {
+			return fmt.Errorf("dht: %w", err)
+		}
+	}
 	return nil
+}
+
+// filtered reports whether ref (registry/repository:tag) is kept out of
+// the mirror by a reference filter.
+func (a *App) filtered(ref string) bool {
+	for _, re := range a.filters {
+		if re.MatchString(ref) {
+			return true
+		}
+	}
+	return false
+}
+
+// resolvesTags reports whether tags are resolved through peers.
+func (a *App) resolvesTags() bool { return a.ResolveTags == nil || *a.ResolveTags }
+
+// peers returns the peer fetcher, or nil when peer to peer is off or not
+// started.
+func (a *App) peers() *peerFetcher { return a.fetcher.Load() }
+
+// advertisable reports whether img's keys may go into the DHT: its
+// registry is mirrored and no reference filter matches it.
+func (a *App) advertisable(img contentstore.Image) bool {
+	if img.Ref == nil || !a.Mirrors(reference.Domain(img.Ref)) {
+		return false
+	}
+	return !a.filtered(img.Name)
 }
 
 // Validate is part of caddy.Validator; Provision has already checked the

@@ -1,6 +1,9 @@
 package caddymodule
 
 import (
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -81,11 +84,126 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			a.Registries = append(a.Registries, args...)
+		case "dht":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			if a.DHT == nil {
+				a.DHT = new(DHTConfig)
+			}
+			if err := a.DHT.unmarshalCaddyfile(d); err != nil {
+				return err
+			}
+		case "resolve_timeout", "hedge_delay", "peer_timeout":
+			key := d.Val()
+			dur, err := durationArg(d)
+			if err != nil {
+				return err
+			}
+			*map[string]*caddy.Duration{"resolve_timeout": &a.ResolveTimeout,
+				"hedge_delay": &a.HedgeDelay, "peer_timeout": &a.PeerTimeout}[key] = dur
+		case "filter_reference":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			a.FilterReferences = append(a.FilterReferences, args...)
+		case "resolve_tags":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			v, err := strconv.ParseBool(d.Val())
+			if err != nil {
+				return d.Errf("resolve_tags: %v", err)
+			}
+			a.ResolveTags = &v
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		case "max_peers":
+			n, err := intArg(d)
+			if err != nil {
+				return err
+			}
+			a.MaxPeers = n
 		default:
 			return d.Errf("unrecognized peermirror option %q", d.Val())
 		}
 	}
 	return nil
+}
+
+// unmarshalCaddyfile reads the dht block of the peermirror option.
+func (c *DHTConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		key := d.Val()
+		lists := map[string]*[]string{
+			"listen":           &c.Listen,
+			"announce":         &c.Announce,
+			"bootstrap_static": &c.BootstrapStatic,
+			"bootstrap_dns":    &c.BootstrapDNS,
+			"bootstrap_http":   &c.BootstrapHTTP,
+		}
+		switch key {
+		case "listen", "announce", "bootstrap_static", "bootstrap_dns", "bootstrap_http":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			*lists[key] = append(*lists[key], args...)
+		case "key_file":
+			if !d.AllArgs(&c.KeyFile) {
+				return d.ArgErr()
+			}
+		case "mirror_port":
+			n, err := intArg(d)
+			if err != nil {
+				return err
+			}
+			c.MirrorPort = n
+		case "record_ttl", "reprovide_interval":
+			dur, err := durationArg(d)
+			if err != nil {
+				return err
+			}
+			if key == "record_ttl" {
+				c.RecordTTL = dur
+			} else {
+				c.ReprovideInterval = dur
+			}
+		default:
+			return d.Errf("unrecognized dht subdirective %q", key)
+		}
+	}
+	return nil
+}
+
+// durationArg reads the single duration argument of the current line.
+func durationArg(d *caddyfile.Dispenser) (caddy.Duration, error) {
+	key := d.Val()
+	var raw string
+	if !d.AllArgs(&raw) {
+		return 0, d.ArgErr()
+	}
+	dur, err := caddy.ParseDuration(raw)
+	if err != nil {
+		return 0, d.Errf("%s: %v", key, err)
+	}
+	return caddy.Duration(dur), nil
+}
+
+// intArg reads the single integer argument of the current line.
+func intArg(d *caddyfile.Dispenser) (int, error) {
+	key := d.Val()
+	var raw string
+	if !d.AllArgs(&raw) {
+		return 0, d.ArgErr()
+	}
+	n, err := strconv.Atoi(raw)
+	if err != nil {
+		return 0, d.Errf("%s: %v", key, err)
+	}
+	return n, nil
 }
 
 // parseHandlerDirective sets up the mirror handler in a site block:

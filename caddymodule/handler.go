@@ -92,35 +92,61 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		h.miss(w, r, req, "registry "+req.registry+" is not mirrored here")
 		return nil
 	}
-	store := h.app.Store()
-	if store == nil {
-		h.miss(w, r, req, "peermirror is not started yet")
+	if req.tag != "" && h.app.filtered(req.ref()) {
+		h.miss(w, r, req, "reference "+req.ref()+" is filtered out: it is always pulled from its registry")
 		return nil
 	}
+	// a request from another node is served from this store only
+	forwarded := r.Header.Get(headerForwarded) != ""
 
 	start := time.Now()
-	var err error
-	if req.kind == kindManifest {
-		err = h.serveManifest(w, r, store, req)
-	} else {
-		err = h.serveBlob(w, r, store, req)
+	source := "local"
+	err := errNotStarted
+	if store := h.app.Store(); store != nil {
+		if req.kind == kindManifest {
+			err = h.serveManifest(w, r, store, req)
+		} else {
+			err = h.serveBlob(w, r, store, req)
+		}
+	}
+	if err != nil && !errors.Is(err, errWrongKind) && !forwarded && isMiss(err) {
+		if f := h.app.peers(); f != nil && (req.tag == "" || h.app.resolvesTags()) {
+			source = "peer"
+			clearContentHeaders(w.Header())
+			if perr := h.servePeer(w, r, f, req); perr != nil {
+				err = fmt.Errorf("%v; %w", err, perr)
+			} else {
+				err = nil
+			}
+		}
 	}
 	switch {
 	case err == nil:
-	case errors.Is(err, contentstore.ErrNotFound), errors.Is(err, contentstore.ErrUnavailable),
-		errors.Is(err, errWrongKind):
+	case isMiss(err) || errors.Is(err, errWrongKind) || errors.Is(err, errNoPeer):
 		h.miss(w, r, req, err.Error())
 	default:
-		h.logger.Error("serving from containerd", zap.String("uri", r.RequestURI), zap.Error(err))
-		writeError(w, r, http.StatusInternalServerError, codeInternal, "reading from containerd failed")
+		h.logger.Error("serving content", zap.String("uri", r.RequestURI), zap.Error(err))
+		writeError(w, r, http.StatusInternalServerError, codeInternal, "reading content failed")
 	}
 	if ce := h.logger.Check(zapcore.DebugLevel, "served"); ce != nil && err == nil {
 		ce.Write(zap.String("kind", req.kind.String()), zap.String("registry", req.registry),
 			zap.String("name", req.name), zap.String("reference", req.reference()),
-			zap.String("source", "local"), zap.Duration("duration", time.Since(start)))
+			zap.String("source", source), zap.Bool("forwarded", forwarded),
+			zap.Duration("duration", time.Since(start)))
 	}
 	return nil
 }
+
+// isMiss reports whether err means the local store does not have the
+// content (or cannot be asked).
+func isMiss(err error) bool {
+	return errors.Is(err, contentstore.ErrNotFound) || errors.Is(err, contentstore.ErrUnavailable) ||
+		errors.Is(err, errNotStarted)
+}
+
+// errNotStarted is a request that arrives before the app has started, as
+// happens during a config reload.
+var errNotStarted = errors.New("peermirror is not started yet")
 
 // errWrongKind is a digest asked for as the wrong kind: a manifest under
 // /blobs/ or a layer under /manifests/.
@@ -132,7 +158,12 @@ func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, store *c
 	var desc ocispec.Descriptor
 	var err error
 	if req.tag != "" {
-		desc, err = store.Resolve(ctx, req.ref())
+		var img contentstore.Image
+		img, err = store.ResolveImage(ctx, req.ref())
+		desc = img.Target
+		if err == nil {
+			w.Header().Set(headerUpdated, formatUpdated(img.UpdatedAt))
+		}
 	} else {
 		desc, err = store.Descriptor(ctx, req.digest)
 	}
@@ -143,6 +174,7 @@ func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, store *c
 		return fmt.Errorf("%s is a %s: %w", desc.Digest, desc.MediaType, errWrongKind)
 	}
 	setContentHeaders(w.Header(), desc)
+	w.Header().Set(headerSource, "local")
 	if checkNotModified(w, r, desc) {
 		return nil
 	}
@@ -172,6 +204,7 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, store *conte
 	hdr := w.Header()
 	setContentHeaders(hdr, desc)
 	hdr.Set("Accept-Ranges", "bytes")
+	hdr.Set(headerSource, "local")
 	if checkNotModified(w, r, desc) {
 		return nil
 	}
@@ -270,6 +303,15 @@ type writerOnly struct{ io.Writer }
 // isClientGone reports whether a copy failed because the client left.
 func isClientGone(ctx context.Context, err error) bool {
 	return ctx.Err() != nil || errors.Is(err, context.Canceled)
+}
+
+// clearContentHeaders drops what a failed local attempt may have set.
+func clearContentHeaders(h http.Header) {
+	for _, k := range relayed {
+		h.Del(k)
+	}
+	h.Del(headerSource)
+	h.Del(headerUpdated)
 }
 
 // etag is a blob's entity tag: its digest, which never changes.

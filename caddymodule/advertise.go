@@ -1,0 +1,194 @@
+package caddymodule
+
+import (
+	"context"
+	"time"
+
+	"github.com/distribution/reference"
+	"go.uber.org/zap"
+
+	"github.com/peermirror/peermirror/contentstore"
+)
+
+// advertiseTarget is where the keys a node can serve are announced: the
+// DHT router.
+type advertiseTarget interface {
+	Advertise(keys ...string)
+	Withdraw(keys ...string)
+}
+
+// advertiser keeps what the DHT advertises in step with what containerd
+// holds: every present digest of every image tree, and every image
+// reference whose root digest is servable here.
+type advertiser struct {
+	store  *contentstore.Store
+	target advertiseTarget
+	logger *zap.Logger
+	// keep reports whether an image's keys may be advertised (registry and
+	// reference filters).
+	keep func(img contentstore.Image) bool
+	// relist is how often everything is listed again: garbage collection
+	// deletes content without an event.
+	relist time.Duration
+
+	images map[string][]string // image name -> its keys
+	refs   map[string]int      // key -> number of images that hold it
+}
+
+func newAdvertiser(store *contentstore.Store, target advertiseTarget, keep func(contentstore.Image) bool,
+	relist time.Duration, logger *zap.Logger) *advertiser {
+	return &advertiser{store: store, target: target, keep: keep, relist: relist, logger: logger,
+		images: map[string][]string{}, refs: map[string]int{}}
+}
+
+// run follows the store's events until ctx ends.
+func (a *advertiser) run(ctx context.Context) {
+	sub := a.store.Subscribe()
+	defer sub.Close()
+	events := make(chan contentstore.Event)
+	go func() {
+		defer close(events)
+		for {
+			ev, err := sub.Next(ctx)
+			if err != nil {
+				return
+			}
+			select {
+			case events <- ev:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	tick := time.NewTicker(a.relist)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			a.full(ctx)
+		case ev, ok := <-events:
+			if !ok {
+				return
+			}
+			a.handle(ctx, ev)
+		}
+	}
+}
+
+func (a *advertiser) handle(ctx context.Context, ev contentstore.Event) {
+	switch ev.Kind {
+	case contentstore.Resync:
+		a.full(ctx)
+	case contentstore.ImageCreated, contentstore.ImageUpdated:
+		img, err := a.store.ResolveImage(ctx, ev.Image)
+		if err != nil {
+			a.set(ev.Image, nil)
+			return
+		}
+		a.set(ev.Image, a.keysOf(ctx, img))
+	case contentstore.ImageDeleted:
+		a.set(ev.Image, nil)
+	case contentstore.ContentDeleted:
+		key := ev.Digest.String()
+		if a.refs[key] == 0 {
+			return
+		}
+		for name, keys := range a.images {
+			for _, k := range keys {
+				if k == key {
+					a.refreshImage(ctx, name)
+					break
+				}
+			}
+		}
+	}
+}
+
+// refreshImage recomputes one image's keys.
+func (a *advertiser) refreshImage(ctx context.Context, name string) {
+	img, err := a.store.ResolveImage(ctx, name)
+	if err != nil {
+		a.set(name, nil)
+		return
+	}
+	a.set(name, a.keysOf(ctx, img))
+}
+
+// keysOf returns what img lets this node serve: its present digests, and
+// its reference when the root is among them.
+func (a *advertiser) keysOf(ctx context.Context, img contentstore.Image) []string {
+	if !a.keep(img) {
+		return nil
+	}
+	descs, err := a.store.Digests(ctx, img.Target)
+	if err != nil {
+		a.logger.Debug("walking image", zap.String("image", img.Name), zap.Error(err))
+		return nil
+	}
+	keys := make([]string, 0, len(descs)+1)
+	rootHere := false
+	for _, d := range descs {
+		keys = append(keys, d.Digest.String())
+		rootHere = rootHere || d.Digest == img.Target.Digest
+	}
+	if _, tagged := img.Ref.(reference.Tagged); tagged && rootHere {
+		keys = append(keys, img.Name)
+	}
+	return keys
+}
+
+// full lists every image again and replaces what is advertised.
+func (a *advertiser) full(ctx context.Context) {
+	imgs, err := a.store.Images(ctx)
+	if err != nil {
+		a.logger.Debug("listing images to advertise", zap.Error(err))
+		return
+	}
+	seen := make(map[string]bool, len(imgs))
+	for _, img := range imgs {
+		seen[img.Name] = true
+		a.set(img.Name, a.keysOf(ctx, img))
+	}
+	for name := range a.images {
+		if !seen[name] {
+			a.set(name, nil)
+		}
+	}
+	a.logger.Debug("advertised state refreshed", zap.Int("images", len(a.images)), zap.Int("keys", len(a.refs)))
+}
+
+// set makes keys the image's keys, advertising those that are new to the
+// node and withdrawing those no image holds any more.
+func (a *advertiser) set(name string, keys []string) {
+	old := a.images[name]
+	var add, drop []string
+	for _, k := range keys {
+		if a.refs[k] == 0 {
+			add = append(add, k)
+		}
+		a.refs[k]++
+	}
+	for _, k := range old {
+		a.refs[k]--
+		if a.refs[k] == 0 {
+			delete(a.refs, k)
+			drop = append(drop, k)
+		}
+	}
+	if len(keys) == 0 {
+		delete(a.images, name)
+	} else {
+		a.images[name] = keys
+	}
+	if len(add) > 0 {
+		a.target.Advertise(add...)
+	}
+	if len(drop) > 0 {
+		a.target.Withdraw(drop...)
+	}
+}
+
+// count returns how many keys are advertised.
+func (a *advertiser) count() int { return len(a.refs) }

@@ -1,0 +1,433 @@
+package caddymodule
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Headers between nodes. The forwarded marker carries the peer protocol
+// version; a node serves a marked request from its own store only and never
+// forwards it again, so requests cannot loop or fan out.
+const (
+	headerForwarded = "X-Peermirror-Forwarded"
+	headerSource    = "X-Peermirror-Source"
+	// peerProtocolVersion versions what one node asks of another over HTTP.
+	peerProtocolVersion = "1"
+)
+
+// errNoPeer means no peer offered the content in time: a miss.
+var errNoPeer = errors.New("no peer has it")
+
+// peerCandidate is a peer that advertised a key, with its mirror address.
+type peerCandidate struct {
+	id  string
+	url string // base URL of its mirror, such as http://10.0.0.3:30020
+}
+
+// peerResolver finds the peers that advertise a key; the DHT router
+// implements it. The channel yields peers as they are found and closes when
+// the lookup ends or ctx does.
+type peerResolver interface {
+	resolve(ctx context.Context, key string, max int) <-chan peerCandidate
+}
+
+// peerFetcher gets content from other nodes' mirrors.
+type peerFetcher struct {
+	resolver peerResolver
+	client   *http.Client
+	logger   *zap.Logger
+
+	resolveTimeout time.Duration // until the first peer is found
+	hedgeDelay     time.Duration // until another peer is asked as well
+	stallTimeout   time.Duration // a body that sends nothing this long is resumed elsewhere
+	maxPeers       int           // peers tried for one request
+	maxResumes     int           // resumes of one body
+
+	bad *peerSet // peers that sent bytes not matching the digest
+}
+
+// peerSet is a set of peer IDs, safe for concurrent use.
+type peerSet struct {
+	mu  sync.RWMutex
+	ids map[string]time.Time
+}
+
+func newPeerSet() *peerSet { return &peerSet{ids: map[string]time.Time{}} }
+
+func (s *peerSet) add(id string) {
+	s.mu.Lock()
+	s.ids[id] = time.Now()
+	s.mu.Unlock()
+}
+
+func (s *peerSet) has(id string) bool {
+	s.mu.RLock()
+	_, ok := s.ids[id]
+	s.mu.RUnlock()
+	return ok
+}
+
+func (s *peerSet) len() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return len(s.ids)
+}
+
+// candidates hands out the peers a lookup finds, each once, skipping peers
+// known to lie, and can hand out again the ones already tried for a resume.
+type candidates struct {
+	ch    <-chan peerCandidate
+	bad   *peerSet
+	tried []peerCandidate
+	open  bool
+}
+
+func newCandidates(ch <-chan peerCandidate, bad *peerSet) *candidates {
+	return &candidates{ch: ch, bad: bad, open: true}
+}
+
+// next returns a peer not handed out before, waiting until deadline for the
+// lookup to find one; a zero deadline does not wait.
+func (c *candidates) next(ctx context.Context, deadline time.Time) (peerCandidate, bool) {
+	var timeout <-chan time.Time
+	if !deadline.IsZero() {
+		t := time.NewTimer(time.Until(deadline))
+		defer t.Stop()
+		timeout = t.C
+	}
+	for c.open {
+		if deadline.IsZero() {
+			select {
+			case p, ok := <-c.ch:
+				if !c.take(p, ok) {
+					continue
+				}
+				return p, true
+			default:
+				return peerCandidate{}, false
+			}
+		}
+		select {
+		case p, ok := <-c.ch:
+			if !c.take(p, ok) {
+				continue
+			}
+			return p, true
+		case <-timeout:
+			return peerCandidate{}, false
+		case <-ctx.Done():
+			return peerCandidate{}, false
+		}
+	}
+	return peerCandidate{}, false
+}
+
+// take records p; it reports false for a closed channel, a known liar or a
+// peer seen already.
+func (c *candidates) take(p peerCandidate, ok bool) bool {
+	if !ok {
+		c.open = false
+		return false
+	}
+	if c.bad.has(p.id) {
+		return false
+	}
+	for _, t := range c.tried {
+		if t.id == p.id {
+			return false
+		}
+	}
+	c.tried = append(c.tried, p)
+	return true
+}
+
+// peerRequest is one request to send to a peer.
+type peerRequest struct {
+	method  string
+	path    string // path and query, as sent to the local mirror
+	rng     string // Range header, or ""
+	partial bool   // a 206 is expected
+	// anyStatus, when set, lists the statuses accepted instead
+	anyStatus []int
+}
+
+// attemptResult is the outcome of asking one peer.
+type attemptResult struct {
+	peer   peerCandidate
+	resp   *http.Response
+	cancel context.CancelFunc
+	err    error
+}
+
+// open asks peers for req, hedging: the first peer found is asked at once;
+// if it has not answered after hedgeDelay, or fails, the next is asked as
+// well. The first good answer wins and the others are cancelled. firstWait
+// bounds the wait for the first peer to be found.
+func (f *peerFetcher) open(ctx context.Context, cands *candidates, req peerRequest, firstWait time.Duration,
+	check func(*http.Response) error) (attemptResult, error) {
+	results := make(chan attemptResult)
+	inflight := 0
+	asked := 0
+	launch := func(p peerCandidate) {
+		inflight++
+		asked++
+		actx, cancel := context.WithCancel(ctx)
+		go func() {
+			resp, err := f.send(actx, p, req, check)
+			results <- attemptResult{peer: p, resp: resp, cancel: cancel, err: err}
+		}()
+	}
+	// losers still running when a winner is found are drained here
+	drain := func(n int) {
+		go func() {
+			for i := 0; i < n; i++ {
+				r := <-results
+				if r.resp != nil {
+					r.resp.Body.Close()
+				}
+				r.cancel()
+			}
+		}()
+	}
+
+	p, ok := cands.next(ctx, time.Now().Add(firstWait))
+	if !ok {
+		return attemptResult{}, errNoPeer
+	}
+	launch(p)
+	hedge := time.NewTicker(f.hedgeDelay)
+	defer hedge.Stop()
+	var lastErr error
+	for inflight > 0 {
+		select {
+		case r := <-results:
+			inflight--
+			if r.err == nil {
+				drain(inflight)
+				return r, nil
+			}
+			r.cancel()
+			lastErr = r.err
+			f.logger.Debug("peer attempt failed", zap.String("peer", r.peer.id), zap.String("path", req.path), zap.Error(r.err))
+			if asked < f.maxPeers {
+				// a failure moves on at once; give the lookup a moment to
+				// find another peer only when nothing else is running
+				wait := time.Time{}
+				if inflight == 0 {
+					wait = time.Now().Add(f.resolveTimeout)
+				}
+				if p, ok := cands.next(ctx, wait); ok {
+					launch(p)
+				}
+			}
+		case <-hedge.C:
+			if asked < f.maxPeers {
+				if p, ok := cands.next(ctx, time.Time{}); ok {
+					launch(p)
+				}
+			}
+		}
+	}
+	if lastErr == nil {
+		lastErr = errNoPeer
+	}
+	return attemptResult{}, fmt.Errorf("%w: %v", errNoPeer, lastErr)
+}
+
+// send asks one peer. The response must have the expected status and pass
+// check; otherwise its body is closed and an error returned.
+func (f *peerFetcher) send(ctx context.Context, p peerCandidate, req peerRequest,
+	check func(*http.Response) error) (*http.Response, error) {
+	hreq, err := http.NewRequestWithContext(ctx, req.method, p.url+req.path, nil)
+	if err != nil {
+		return nil, fmt.Errorf("building request: %w", err)
+	}
+	hreq.Header.Set(headerForwarded, peerProtocolVersion)
+	hreq.Header.Set("Accept", "*/*")
+	if req.rng != "" {
+		hreq.Header.Set("Range", req.rng)
+	}
+	resp, err := f.client.Do(hreq)
+	if err != nil {
+		return nil, err
+	}
+	want := []int{http.StatusOK}
+	if req.partial {
+		want = []int{http.StatusPartialContent}
+	}
+	if req.anyStatus != nil {
+		want = req.anyStatus
+	}
+	if !slices.Contains(want, resp.StatusCode) {
+		resp.Body.Close()
+		return nil, fmt.Errorf("peer answered %s", resp.Status)
+	}
+	if check != nil {
+		if err := check(resp); err != nil {
+			resp.Body.Close()
+			return nil, err
+		}
+	}
+	return resp, nil
+}
+
+// peerBody reads a body from peers, resuming with a Range request on
+// another peer (or the same one) when the stream breaks or stalls, so the
+// reader sees one unbroken body.
+type peerBody struct {
+	f      *peerFetcher
+	ctx    context.Context
+	cands  *candidates
+	req    peerRequest
+	check  func(*http.Response) error
+	cur    attemptResult
+	timer  *time.Timer
+	start  int64 // absolute offset of the first byte wanted
+	length int64 // bytes wanted
+	done   int64 // bytes delivered
+	peers  map[string]bool
+	tries  int
+}
+
+func newPeerBody(f *peerFetcher, ctx context.Context, cands *candidates, req peerRequest,
+	check func(*http.Response) error, first attemptResult, start, length int64) *peerBody {
+	b := &peerBody{f: f, ctx: ctx, cands: cands, req: req, check: check, cur: first,
+		start: start, length: length, peers: map[string]bool{first.peer.id: true}}
+	b.timer = time.AfterFunc(f.stallTimeout, first.cancel)
+	return b
+}
+
+// Read reads from the current peer and resumes elsewhere on failure.
+func (b *peerBody) Read(p []byte) (int, error) {
+	if b.done >= b.length {
+		return 0, io.EOF
+	}
+	if int64(len(p)) > b.length-b.done {
+		p = p[:b.length-b.done]
+	}
+	for {
+		n, err := b.cur.resp.Body.Read(p)
+		if n > 0 {
+			b.timer.Reset(b.f.stallTimeout)
+			b.done += int64(n)
+			return n, nil
+		}
+		if err == nil {
+			continue
+		}
+		if b.ctx.Err() != nil {
+			return 0, b.ctx.Err()
+		}
+		if rerr := b.resume(err); rerr != nil {
+			return 0, rerr
+		}
+	}
+}
+
+// resume replaces the current stream with a ranged one from the byte
+// reached, trying other peers first and the same one last.
+func (b *peerBody) resume(cause error) error {
+	b.cur.resp.Body.Close()
+	b.cur.cancel()
+	if b.tries >= b.f.maxResumes {
+		return fmt.Errorf("peer stream broke after %d bytes and %d resumes: %w", b.done, b.tries, cause)
+	}
+	b.tries++
+	from := b.start + b.done
+	to := b.start + b.length - 1
+	b.f.logger.Debug("resuming peer stream", zap.String("peer", b.cur.peer.id),
+		zap.Int64("offset", from), zap.Error(cause))
+
+	req := b.req
+	req.method = http.MethodGet
+	req.rng = "bytes=" + strconv.FormatInt(from, 10) + "-" + strconv.FormatInt(to, 10)
+	req.partial = true
+	check := func(resp *http.Response) error {
+		if b.check != nil {
+			if err := b.check(resp); err != nil {
+				return err
+			}
+		}
+		return checkContentRange(resp, from, to)
+	}
+	// peers tried before go to the back, the one that failed last
+	retry := make(chan peerCandidate, len(b.cands.tried))
+	failed := b.cur.peer
+	for _, p := range b.cands.tried {
+		if p.id != failed.id && !b.f.bad.has(p.id) {
+			retry <- p
+		}
+	}
+	if !b.f.bad.has(failed.id) {
+		retry <- failed
+	}
+	close(retry)
+	again := &candidates{ch: merge(b.ctx, b.cands, retry), bad: b.f.bad, open: true}
+	r, err := b.f.open(b.ctx, again, req, b.f.resolveTimeout, check)
+	if err != nil {
+		return fmt.Errorf("resuming at byte %d: %w (stream broke: %v)", from, err, cause)
+	}
+	b.cur = r
+	b.peers[r.peer.id] = true
+	b.timer.Stop()
+	b.timer = time.AfterFunc(b.f.stallTimeout, r.cancel)
+	return nil
+}
+
+// merge yields the lookup's further peers first, then the retry list.
+func merge(ctx context.Context, c *candidates, retry <-chan peerCandidate) <-chan peerCandidate {
+	out := make(chan peerCandidate)
+	go func() {
+		defer close(out)
+		for {
+			p, ok := c.next(ctx, time.Time{})
+			if !ok {
+				break
+			}
+			select {
+			case out <- p:
+			case <-ctx.Done():
+				return
+			}
+		}
+		for p := range retry {
+			select {
+			case out <- p:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return out
+}
+
+// Close releases the current stream.
+func (b *peerBody) Close() error {
+	b.timer.Stop()
+	if b.cur.resp != nil {
+		b.cur.resp.Body.Close()
+	}
+	if b.cur.cancel != nil {
+		b.cur.cancel()
+	}
+	return nil
+}
+
+// checkContentRange checks that a 206 answers exactly bytes from-to.
+func checkContentRange(resp *http.Response, from, to int64) error {
+	cr := resp.Header.Get("Content-Range")
+	var a, z, size int64
+	if _, err := fmt.Sscanf(cr, "bytes %d-%d/%d", &a, &z, &size); err != nil || a != from || z != to {
+		return fmt.Errorf("peer answered Content-Range %q for bytes %d-%d", cr, from, to)
+	}
+	return nil
+}
