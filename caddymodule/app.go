@@ -148,12 +148,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 		a.registries[r] = true
 	}
-	for _, expr := range a.FilterReferences {
-		re, err := regexp.Compile(expr)
-		if err != nil {
-			return fmt.Errorf("filter_reference %q: %w", expr, err)
-		}
-		a.filters = append(a.filters, re)
+	if err := a.provisionFilters(); err != nil {
+		return err
 	}
 	if a.ResolveTimeout == 0 {
 		a.ResolveTimeout = caddy.Duration(50 * time.Millisecond)
@@ -174,6 +170,19 @@ func (a *App) Provision(ctx caddy.Context) error {
 		if err := a.DHT.provision(); err != nil {
 			return fmt.Errorf("dht: %w", err)
 		}
+	}
+	return nil
+}
+
+// provisionFilters compiles the reference filters.
+func (a *App) provisionFilters() error {
+	a.filters = a.filters[:0]
+	for _, expr := range a.FilterReferences {
+		re, err := regexp.Compile(expr)
+		if err != nil {
+			return fmt.Errorf("filter_reference %q: %w", expr, err)
+		}
+		a.filters = append(a.filters, re)
 	}
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"slices"
 	"strconv"
@@ -74,12 +75,6 @@ func (s *peerSet) has(id string) bool {
 	_, ok := s.ids[id]
 	s.mu.RUnlock()
 	return ok
-}
-
-func (s *peerSet) len() int {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	return len(s.ids)
 }
 
 // candidates hands out the peers a lookup finds, each once, skipping peers
@@ -430,4 +425,35 @@ func checkContentRange(resp *http.Response, from, to int64) error {
 		return fmt.Errorf("peer answered Content-Range %q for bytes %d-%d", cr, from, to)
 	}
 	return nil
+}
+
+// newPeerFetcher returns a fetcher over resolver with its own HTTP client:
+// no proxy, bounded dials and response headers, connections kept for
+// reuse between nodes.
+func newPeerFetcher(resolver peerResolver, resolveTimeout, hedgeDelay, peerTimeout time.Duration,
+	maxPeers int, logger *zap.Logger) *peerFetcher {
+	transport := &http.Transport{
+		DialContext:           (&net.Dialer{Timeout: peerTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		ResponseHeaderTimeout: peerTimeout,
+		MaxIdleConnsPerHost:   32,
+		IdleConnTimeout:       90 * time.Second,
+		DisableCompression:    true,
+		ForceAttemptHTTP2:     false,
+	}
+	return &peerFetcher{
+		resolver:       resolver,
+		client:         &http.Client{Transport: transport},
+		logger:         logger,
+		resolveTimeout: resolveTimeout,
+		hedgeDelay:     hedgeDelay,
+		stallTimeout:   peerTimeout,
+		maxPeers:       maxPeers,
+		maxResumes:     maxPeers + 2,
+		bad:            newPeerSet(),
+	}
+}
+
+// close drops idle connections to peers.
+func (f *peerFetcher) close() {
+	f.client.CloseIdleConnections()
 }
