@@ -349,7 +349,7 @@ func TestPeerTagDisagreement(t *testing.T) {
 	fast := tagPeer("fast", older, time.Unix(1000, 0), 0)
 	slow := tagPeer("slow", newer, time.Unix(2000, 0), 30*time.Millisecond)
 	res := &fakeResolver{peers: map[string][]peerCandidate{
-		"registry.test/team/app:v1": {{id: "fast", url: fast.URL}, {id: "slow", url: slow.URL}},
+		"registry.test/team/app:v1":      {{id: "fast", url: fast.URL}, {id: "slow", url: slow.URL}},
 		digest.FromBytes(newer).String(): {{id: "slow", url: slow.URL}},
 		digest.FromBytes(older).String(): {{id: "fast", url: fast.URL}},
 	}}

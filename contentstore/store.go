@@ -62,6 +62,9 @@ type Image struct {
 	Ref reference.Named
 	// Target is the descriptor of the manifest or index the name points at.
 	Target ocispec.Descriptor
+	// UpdatedAt is when the record last changed (a pull that moved the tag
+	// updates it).
+	UpdatedAt time.Time
 }
 
 // Store answers questions about one containerd namespace. Create it with
@@ -225,23 +228,30 @@ func isImageName(name string) bool {
 // Resolve returns the descriptor that the image record ref (for example
 // docker.io/library/nginx:1.27) points at, provided its content is here.
 func (s *Store) Resolve(ctx context.Context, ref string) (ocispec.Descriptor, error) {
+	img, err := s.ResolveImage(ctx, ref)
+	return img.Target, err
+}
+
+// ResolveImage is Resolve returning the whole image record.
+func (s *Store) ResolveImage(ctx context.Context, ref string) (Image, error) {
 	c, cctx, cancel, err := s.call(ctx)
 	if err != nil {
-		return ocispec.Descriptor{}, err
+		return Image{}, err
 	}
 	defer cancel()
 	img, err := c.ImageService().Get(cctx, ref)
 	if err := s.wrap("resolving "+ref, err); err != nil {
-		return ocispec.Descriptor{}, err
+		return Image{}, err
 	}
 	info, err := c.ContentStore().Info(cctx, img.Target.Digest)
 	if err != nil {
-		return ocispec.Descriptor{}, s.wrap("resolving "+ref+" to "+img.Target.Digest.String(), err)
+		return Image{}, s.wrap("resolving "+ref+" to "+img.Target.Digest.String(), err)
 	}
 	s.learn(img.Target.Digest, img.Target.MediaType)
-	desc := img.Target
-	desc.Size = info.Size
-	return desc, nil
+	out := Image{Name: img.Name, Target: img.Target, UpdatedAt: img.UpdatedAt}
+	out.Target.Size = info.Size
+	out.Ref, _ = reference.ParseNamed(img.Name)
+	return out, nil
 }
 
 // Descriptor returns the size and media type of dgst. The media type comes
