@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"context"
+	"sync/atomic"
 	"time"
 
 	"github.com/distribution/reference"
@@ -33,6 +34,8 @@ type advertiser struct {
 
 	images map[string][]string // image name -> its keys
 	refs   map[string]int      // key -> number of images that hold it
+	// advertised is len(refs), readable from other goroutines
+	advertised atomic.Int64
 }
 
 func newAdvertiser(store *contentstore.Store, target advertiseTarget, keep func(contentstore.Image) bool,
@@ -156,6 +159,18 @@ func (a *advertiser) full(ctx context.Context) {
 			a.set(name, nil)
 		}
 	}
+	// the router may hold keys from an advertiser of an earlier config
+	if l, ok := a.target.(interface{ Advertised() []string }); ok {
+		var stale []string
+		for _, k := range l.Advertised() {
+			if a.refs[k] == 0 {
+				stale = append(stale, k)
+			}
+		}
+		if len(stale) > 0 {
+			a.target.Withdraw(stale...)
+		}
+	}
 	a.logger.Debug("advertised state refreshed", zap.Int("images", len(a.images)), zap.Int("keys", len(a.refs)))
 }
 
@@ -177,6 +192,7 @@ func (a *advertiser) set(name string, keys []string) {
 			drop = append(drop, k)
 		}
 	}
+	a.advertised.Store(int64(len(a.refs)))
 	if len(keys) == 0 {
 		delete(a.images, name)
 	} else {
@@ -191,4 +207,4 @@ func (a *advertiser) set(name string, keys []string) {
 }
 
 // count returns how many keys are advertised.
-func (a *advertiser) count() int { return len(a.refs) }
+func (a *advertiser) count() int { return int(a.advertised.Load()) }

@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/peermirror/peermirror/contentstore"
+	"github.com/peermirror/peermirror/dht"
 )
 
 func init() {
@@ -81,9 +82,13 @@ type App struct {
 	registries map[string]bool
 	filters    []*regexp.Regexp
 	fetcher    atomic.Pointer[peerFetcher]
-	store      atomic.Pointer[contentstore.Store]
-	release    sync.Once
-	logger     *zap.Logger
+	router     atomic.Pointer[dht.Router]
+	advertiser atomic.Pointer[advertiser]
+	// stopAdvertiser ends the advertiser and waits for it
+	stopAdvertiser func()
+	store          atomic.Pointer[contentstore.Store]
+	release        sync.Once
+	logger         *zap.Logger
 }
 
 // ContainerdConfig locates containerd and the content it keeps.
@@ -243,6 +248,12 @@ func (a *App) Start() error {
 		return fmt.Errorf("starting containerd store: %w", err)
 	}
 	a.store.Store(val.(pooledStore).Store)
+	if a.DHT != nil {
+		if err := a.startP2P(); err != nil {
+			_ = a.releaseStore()
+			return err
+		}
+	}
 	a.logger.Info("peermirror started",
 		zap.String("containerd", a.storeCfg.Address),
 		zap.String("namespace", a.storeCfg.Namespace),
@@ -265,12 +276,14 @@ func (a *App) Cleanup() error {
 func (a *App) releaseStore() error {
 	var err error
 	a.release.Do(func() {
+		if a.DHT != nil {
+			err = a.stopP2P()
+		}
 		if a.store.Load() == nil {
 			return
 		}
-		_, err = stores.Delete(a.poolKey)
-		if err != nil {
-			err = fmt.Errorf("closing containerd store: %w", err)
+		if _, derr := stores.Delete(a.poolKey); derr != nil {
+			err = errors.Join(err, fmt.Errorf("closing containerd store: %w", derr))
 		}
 	})
 	return err

@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/peermirror/peermirror/contentstore"
+	"github.com/peermirror/peermirror/dht"
 )
 
 func init() {
@@ -59,6 +60,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 // ServeHTTP answers one OCI request.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if r.URL.Path == dht.PeerListPath {
+		h.servePeerList(w, r)
+		return nil
+	}
 	if r.URL.Path != "/v2" && !strings.HasPrefix(r.URL.Path, "/v2/") {
 		return next.ServeHTTP(w, r)
 	}

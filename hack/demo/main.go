@@ -1,20 +1,24 @@
-// Command demo shows peermirror at work on one machine: it starts two
-// containerd instances, a registry and a Caddy with the plugin, all on
-// loopback in temporary folders, pushes a generated image, pulls it on node
-// A from the registry, stops the registry, pulls it on node B through the
-// mirror, and prints where each piece came from. Run it with `make demo`
-// (as root: containerd needs it).
+// Command demo shows peermirror at work on one machine: three nodes, each
+// a containerd and a Caddy with the plugin, and a registry, all on loopback
+// in temporary folders. It pushes a generated image, pulls it on node A
+// (from the registry), then on B and C through their own mirrors (from A,
+// found through the DHT), and prints where each piece came from and how
+// long it took. Run it with `make demo` (as root: containerd needs it).
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
+	"io"
+	"net/http"
+	"net/http/httptrace"
 	"os"
 	"text/tabwriter"
 	"time"
 
+	"github.com/peermirror/peermirror/dht"
 	"github.com/peermirror/peermirror/internal/testenv"
 )
 
@@ -42,66 +46,102 @@ func main() {
 }
 
 func (d *demo) run() {
-	a := testenv.StartContainerd(d)
-	b := testenv.StartContainerd(d)
 	reg := testenv.StartRegistry(d)
-
 	img := reg.PushRandomImage(d, "demo/app", "v1", 4, 8<<20)
-	say("pushed %s: %d layers of 8 MiB, root %s", img.Ref(upstreamHost), len(img.Layers), img.Digest)
+	say("pushed %s to the registry: %d layers of 8 MiB, root %s", img.Ref(upstreamHost), len(img.Layers), img.Digest)
+
+	a := testenv.StartNode(d, "A", upstreamHost, reg.URL, testenv.NodeOptions{})
+	boot := testenv.NodeOptions{Bootstrap: []string{a.Mirror.URL + dht.PeerListPath}}
+	b := testenv.StartNode(d, "B", upstreamHost, reg.URL, boot)
+	c := testenv.StartNode(d, "C", upstreamHost, reg.URL, boot)
+	say("three nodes, each a containerd and a Caddy with peermirror: A %s, B %s, C %s",
+		a.Mirror.URL, b.Mirror.URL, c.Mirror.URL)
 
 	start := time.Now()
-	a.PullFromRegistry(d, reg, upstreamHost, img)
-	say("node A pulled it from the registry in %s", time.Since(start).Round(time.Millisecond))
-	reg.Stop(d)
-	say("registry stopped: from now on only node A's containerd has the image")
+	a.Ctrd.PullRef(d, img.Ref(upstreamHost))
+	say("node A pulled it in %s: its mirror missed, the registry served it", since(start))
+	upstreamRequests := len(reg.Requests())
 
-	mirror := testenv.StartCaddy(d, func(port int, admin string) string {
-		return fmt.Sprintf("{\n\tadmin %s\n\tdebug\n\tpeermirror {\n\t\tcontainerd {\n\t\t\taddress %s\n\t\t}\n\t}\n}\n:%d {\n\tpeermirror\n}\n",
-			admin, a.Socket, port)
-	})
-	say("caddy with peermirror serves node A's containerd at %s", mirror.URL)
+	waitServable(d, b, "/v2/"+img.Repo+"/manifests/"+img.Tag+"?ns="+upstreamHost)
+	ttfb := firstByte(d, c, "/v2/"+img.Repo+"/blobs/"+img.Layers[0].String()+"?ns="+upstreamHost)
+	say("node C's mirror sent the first byte of a layer that only A holds after %s", ttfb)
 
-	b.WriteHostsToml(d, upstreamHost, deadUpstream(d), mirror.URL)
-	start = time.Now()
-	b.PullRef(d, img.Ref(upstreamHost))
-	say("node B pulled it through the mirror in %s (upstream unreachable)", time.Since(start).Round(time.Millisecond))
-
-	report(mirror, img)
+	for _, n := range []*testenv.Node{b, c} {
+		start = time.Now()
+		n.Ctrd.PullRef(d, img.Ref(upstreamHost))
+		say("node %s pulled it in %s, through its own mirror", n.Name, since(start))
+	}
+	say("registry requests since A's pull: %d", len(reg.Requests())-upstreamRequests)
+	for _, n := range []*testenv.Node{a, b, c} {
+		report(n, img)
+	}
 }
 
-// report prints, for each digest of the image, how the mirror served it.
-func report(mirror *testenv.Caddy, img testenv.Image) {
+// waitServable waits until n's mirror answers path.
+func waitServable(t testenv.T, n *testenv.Node, path string) {
+	deadline := time.Now().Add(time.Minute)
+	for {
+		resp, _ := n.Mirror.Get(t, path)
+		if resp.StatusCode == http.StatusOK {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node %s never found %s through the DHT", n.Name, path)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// firstByte returns how long n's mirror takes to send the first byte of
+// path.
+func firstByte(t testenv.T, n *testenv.Node, path string) time.Duration {
+	var first time.Time
+	trace := &httptrace.ClientTrace{GotFirstResponseByte: func() { first = time.Now() }}
+	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace),
+		http.MethodGet, n.Mirror.URL+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	resp, err := testenv.HTTPClient().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s on %s: %d %v", path, n.Name, resp.StatusCode, err)
+	}
+	return first.Sub(start).Round(10 * time.Microsecond)
+}
+
+func since(t time.Time) time.Duration { return time.Since(t).Round(time.Millisecond) }
+
+// report prints, for each digest of the image, where node n's mirror got
+// it and how long that took.
+func report(n *testenv.Node, img testenv.Image) {
+	say("node %s:", n.Name)
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "KIND\tDIGEST\tSIZE\tSOURCE\tSERVED IN")
+	fmt.Fprintln(w, "  KIND\tDIGEST\tSIZE\tSOURCE\tTIME")
 	for _, dg := range img.All() {
-		kind, source, took := "-", "not served", "-"
-		for _, line := range mirror.LogLines(`"msg":"served"`, dg.String()) {
+		kind, source, took := "-", "upstream (mirror missed)", "-"
+		for _, line := range n.Mirror.LogLines(`"msg":"served"`, dg.String()) {
 			var entry map[string]any
-			if json.Unmarshal([]byte(line), &entry) != nil {
+			if json.Unmarshal([]byte(line), &entry) != nil || entry["forwarded"] == true {
 				continue
 			}
 			kind = fmt.Sprint(entry["kind"])
-			source = "mirror: " + fmt.Sprint(entry["source"]) + " containerd"
+			source = fmt.Sprint(entry["source"])
 			if secs, ok := entry["duration"].(float64); ok {
 				took = fmt.Sprintf("%.1f ms", secs*1000)
 			}
 		}
-		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", kind, dg.String()[:19], img.Sizes[dg], source, took)
+		fmt.Fprintf(w, "  %s\t%s\t%d\t%s\t%s\n", kind, dg.String()[:19], img.Sizes[dg], source, took)
 	}
 	w.Flush()
 }
 
 func say(format string, args ...any) {
 	fmt.Fprintf(os.Stdout, "demo: "+format+"\n", args...)
-}
-
-func deadUpstream(t testenv.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return "http://" + l.Addr().String()
 }
 
 // demo implements testenv.T for a program: Fatal stops the run and the

@@ -1,0 +1,150 @@
+package dht
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"go.uber.org/zap"
+)
+
+const (
+	// resolveConcurrency bounds the providers whose mirror port is being
+	// asked for at once within one Resolve.
+	resolveConcurrency = 4
+	// connectTimeout bounds one dial of a peer.
+	connectTimeout = 10 * time.Second
+)
+
+// Resolve looks up the peers that advertise key and sends each on the
+// returned channel as soon as it is found and its mirror URL is known. It
+// never sends this node, nor a peer whose mirror URL cannot be learned. At
+// most max peers are sent (no limit if max <= 0). The channel is closed when
+// the lookup ends, ctx ends or the router is closed; the caller should
+// read it until then, or cancel ctx.
+func (r *Router) Resolve(ctx context.Context, key string, max int) <-chan Peer {
+	out := make(chan Peer)
+	var cancel context.CancelFunc
+	ctx, cancel = context.WithCancel(ctx)
+	started := r.goTracked(func(rctx context.Context) {
+		defer close(out)
+		defer cancel()
+		stop := context.AfterFunc(rctx, cancel)
+		defer stop()
+		r.resolve(ctx, cancel, key, max, out)
+	})
+	if !started {
+		cancel()
+		close(out)
+	}
+	return out
+}
+
+func (r *Router) resolve(
+	ctx context.Context, cancel context.CancelFunc, key string, max int, out chan<- Peer,
+) {
+	start := time.Now()
+	self := r.host.ID()
+
+	// The DHT counts this node among the providers when it advertises the
+	// key itself: ask for one more.
+	count := 0
+	if max > 0 {
+		count = max + 1
+	}
+	provs := r.kad.FindProvidersAsync(ctx, KeyCID(key), count)
+
+	var (
+		mu      sync.Mutex
+		sent    int
+		workers sync.WaitGroup
+		sem     = make(chan struct{}, resolveConcurrency)
+		seen    = make(map[peer.ID]struct{})
+	)
+	// send delivers p unless enough were sent.
+	send := func(p Peer) {
+		mu.Lock()
+		if max > 0 && sent >= max {
+			mu.Unlock()
+			return
+		}
+		sent++
+		last := max > 0 && sent == max
+		mu.Unlock()
+		select {
+		case out <- p:
+		case <-ctx.Done():
+			return
+		}
+		if last {
+			cancel()
+		}
+	}
+
+	for ai := range provs {
+		if ai.ID == self || ai.ID == "" {
+			continue
+		}
+		if _, ok := seen[ai.ID]; ok {
+			continue
+		}
+		seen[ai.ID] = struct{}{}
+
+		// known peer: send at once
+		if p, ok := r.knownPeer(ai.ID, ai.Addrs); ok {
+			send(p)
+			continue
+		}
+
+		// unknown mirror port: dial and ask, a few at a time
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			continue // drain provs until the DHT closes it
+		}
+		workers.Add(1)
+		go func(ai peer.AddrInfo) {
+			defer workers.Done()
+			defer func() { <-sem }()
+			if err := r.ensureConnected(ctx, ai); err != nil {
+				r.logger.Debug("dialing provider", zap.Stringer("peer", ai.ID), zap.Error(err))
+				return
+			}
+			if _, err := r.mirrorPort(ctx, ai.ID); err != nil {
+				r.logger.Debug("learning provider mirror port", zap.Stringer("peer", ai.ID), zap.Error(err))
+				return
+			}
+			if p, ok := r.knownPeer(ai.ID, ai.Addrs); ok {
+				send(p)
+			}
+		}(ai)
+	}
+	workers.Wait()
+
+	if ce := r.logger.Check(zap.DebugLevel, "resolved key"); ce != nil {
+		mu.Lock()
+		n := sent
+		mu.Unlock()
+		ce.Write(zap.String("key", key), zap.Int("peers", n), zap.Duration("took", time.Since(start)))
+	}
+}
+
+// ensureConnected dials ai unless a connection exists, finding its
+// addresses through the DHT when none are known.
+func (r *Router) ensureConnected(ctx context.Context, ai peer.AddrInfo) error {
+	if r.host.Network().Connectedness(ai.ID) == network.Connected {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, connectTimeout)
+	defer cancel()
+	if len(ai.Addrs) == 0 && len(r.host.Peerstore().Addrs(ai.ID)) == 0 {
+		found, err := r.kad.FindPeer(ctx, ai.ID)
+		if err != nil {
+			return err
+		}
+		ai = found
+	}
+	return r.host.Connect(ctx, ai)
+}
