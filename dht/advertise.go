@@ -28,6 +28,7 @@ const (
 type advertiser struct {
 	mu      sync.Mutex
 	keys    map[string]struct{} // advertised
+	fresh   []string            // newly advertised, provided before the queue
 	queue   []string            // to provide, in order; may hold keys no longer advertised
 	queued  map[string]struct{}
 	retry   map[string]struct{} // failed, waiting for the retry timer
@@ -45,13 +46,19 @@ func newAdvertiser() *advertiser {
 	}
 }
 
-// enqueueLocked queues key for providing unless it is queued already.
-func (a *advertiser) enqueueLocked(key string) bool {
+// enqueueLocked queues key for providing unless it is queued already. A
+// fresh key goes ahead of a reprovide round, so content pulled a moment
+// ago is findable at once even while thousands of keys are reprovided.
+func (a *advertiser) enqueueLocked(key string, fresh bool) bool {
 	if _, ok := a.queued[key]; ok {
 		return false
 	}
 	a.queued[key] = struct{}{}
-	a.queue = append(a.queue, key)
+	if fresh {
+		a.fresh = append(a.fresh, key)
+	} else {
+		a.queue = append(a.queue, key)
+	}
 	return true
 }
 
@@ -66,23 +73,25 @@ func (a *advertiser) signal() {
 func (a *advertiser) pop() (string, bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	for len(a.queue) > 0 {
-		key := a.queue[0]
-		a.queue[0] = ""
-		a.queue = a.queue[1:]
-		delete(a.queued, key)
-		if _, ok := a.keys[key]; ok {
-			return key, true
+	for _, q := range []*[]string{&a.fresh, &a.queue} {
+		for len(*q) > 0 {
+			key := (*q)[0]
+			(*q)[0] = ""
+			*q = (*q)[1:]
+			delete(a.queued, key)
+			if _, ok := a.keys[key]; ok {
+				return key, true
+			}
 		}
+		*q = nil // let the backing array go
 	}
-	a.queue = nil // let the backing array go
 	return "", false
 }
 
 func (a *advertiser) pending() int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return len(a.queue)
+	return len(a.fresh) + len(a.queue)
 }
 
 // Advertise adds keys to the advertised set and queues them to be provided
@@ -100,7 +109,7 @@ func (r *Router) Advertise(keys ...string) {
 			continue
 		}
 		a.keys[key] = struct{}{}
-		a.enqueueLocked(key)
+		a.enqueueLocked(key, true)
 		added++
 	}
 	a.mu.Unlock()
@@ -150,7 +159,7 @@ func (r *Router) requeueAll() int {
 	a.mu.Lock()
 	n := 0
 	for key := range a.keys {
-		if a.enqueueLocked(key) {
+		if a.enqueueLocked(key, false) {
 			n++
 		}
 	}
@@ -212,7 +221,7 @@ func (r *Router) provideLoop(ctx context.Context) {
 				retryArmed = false
 				a.mu.Lock()
 				for key := range a.retry {
-					a.enqueueLocked(key)
+					a.enqueueLocked(key, false)
 				}
 				clear(a.retry)
 				a.mu.Unlock()
