@@ -38,7 +38,7 @@ lint:
 demo: tools build
 	PEERMIRROR_CADDY=$(CADDY) $(GO) run ./hack/demo
 
-## bench: throughput of blob GETs from the local store
+## bench: throughput of blob GETs from the local store and through a peer
 bench: tools build
 	PEERMIRROR_CADDY=$(CADDY) $(GO) test -run '^$$' -bench . -benchtime 5x -timeout 20m ./bench/
 
