@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -60,8 +61,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 // ServeHTTP answers one OCI request.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	if r.URL.Path == dht.PeerListPath {
+	switch r.URL.Path {
+	case dht.PeerListPath:
 		h.servePeerList(w, r)
+		return nil
+	case livePath, readyPath:
+		h.serveProbe(w, r)
 		return nil
 	}
 	if r.URL.Path != "/v2" && !strings.HasPrefix(r.URL.Path, "/v2/") {
@@ -152,6 +157,45 @@ func isMiss(err error) bool {
 // errNotStarted is a request that arrives before the app has started, as
 // happens during a config reload.
 var errNotStarted = errors.New("peermirror is not started yet")
+
+// Probe paths for Kubernetes. Liveness: the process answers HTTP. Readiness:
+// the mirror can answer from its own containerd; peers are not needed, so a
+// single-node cluster becomes ready.
+const (
+	livePath  = "/.well-known/peermirror/v1/live"
+	readyPath = "/.well-known/peermirror/v1/ready"
+)
+
+// probeStatus is the body of a probe answer.
+type probeStatus struct {
+	Status     string `json:"status"`
+	Containerd bool   `json:"containerd"`
+	Peers      *int   `json:"peers,omitempty"`
+}
+
+// serveProbe answers the liveness and readiness probes.
+func (h *Handler) serveProbe(w http.ResponseWriter, r *http.Request) {
+	st := probeStatus{Status: "ok"}
+	store := h.app.Store()
+	st.Containerd = store != nil && store.Connected()
+	if router := h.app.router.Load(); router != nil {
+		n := len(router.Peers())
+		st.Peers = &n
+	}
+	status := http.StatusOK
+	if r.URL.Path == readyPath && !st.Containerd {
+		st.Status = "containerd unreachable"
+		status = http.StatusServiceUnavailable
+	}
+	body, _ := json.Marshal(st)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	if r.Method != http.MethodHead {
+		_, _ = w.Write(body)
+	}
+}
 
 // errWrongKind is a digest asked for as the wrong kind: a manifest under
 // /blobs/ or a layer under /manifests/.

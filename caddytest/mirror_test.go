@@ -216,3 +216,33 @@ func TestListModules(t *testing.T) {
 		}
 	}
 }
+
+// TestProbes checks liveness and readiness: ready while containerd
+// answers, not ready (but alive) while it is down.
+func TestProbes(t *testing.T) {
+	skipShort(t)
+	a := testenv.StartContainerd(t)
+	mirror := testenv.StartCaddy(t, mirrorCaddyfile(a.Socket))
+	const live, ready = "/.well-known/peermirror/v1/live", "/.well-known/peermirror/v1/ready"
+	waitStatus := func(path string, want int) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second) // hang detector
+		for {
+			resp, body := mirror.Get(t, path)
+			if resp.StatusCode == want {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("GET %s = %d %s, want %d", path, resp.StatusCode, body, want)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	waitStatus(ready, http.StatusOK)
+	waitStatus(live, http.StatusOK)
+	a.Kill(t)
+	waitStatus(ready, http.StatusServiceUnavailable)
+	waitStatus(live, http.StatusOK)
+	a.Restart(t)
+	waitStatus(ready, http.StatusOK)
+}
