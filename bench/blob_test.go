@@ -26,15 +26,20 @@ import (
 
 // blobSize is the size of the blob served: 1 GiB unless
 // PEERMIRROR_BENCH_SIZE says otherwise.
-func blobSize(b *testing.B) int64 {
-	if s := os.Getenv("PEERMIRROR_BENCH_SIZE"); s != "" {
-		n, err := strconv.ParseInt(s, 10, 64)
-		if err != nil || n <= 0 {
-			b.Fatalf("PEERMIRROR_BENCH_SIZE=%q is not a positive byte count", s)
-		}
-		return n
+func blobSize(b *testing.B) int64 { return envSize(b, "PEERMIRROR_BENCH_SIZE", 1<<30) }
+
+// envSize reads a byte count from the environment variable name, or
+// returns def when it is unset.
+func envSize(b *testing.B, name string, def int64) int64 {
+	s := os.Getenv(name)
+	if s == "" {
+		return def
 	}
-	return 1 << 30
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 {
+		b.Fatalf("%s=%q is not a positive byte count", name, s)
+	}
+	return n
 }
 
 // randomReader yields size pseudo-random bytes, fast enough not to slow the

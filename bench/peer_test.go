@@ -5,8 +5,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptrace"
-	"os"
-	"strconv"
 	"testing"
 	"time"
 
@@ -18,16 +16,7 @@ const upstreamHost = "registry.test"
 
 // peerLayerSize is the layer fetched through a peer: 256 MiB unless
 // PEERMIRROR_BENCH_PEER_SIZE says otherwise.
-func peerLayerSize(b *testing.B) int64 {
-	if s := os.Getenv("PEERMIRROR_BENCH_PEER_SIZE"); s != "" {
-		n, err := strconv.ParseInt(s, 10, 64)
-		if err != nil || n <= 0 {
-			b.Fatalf("PEERMIRROR_BENCH_PEER_SIZE=%q is not a positive byte count", s)
-		}
-		return n
-	}
-	return 256 << 20
-}
+func peerLayerSize(b *testing.B) int64 { return envSize(b, "PEERMIRROR_BENCH_PEER_SIZE", 256<<20) }
 
 // BenchmarkPeerBlobGET measures a blob that only node A holds, GET from
 // node B's mirror: B finds A through the DHT, fetches from A's mirror and
