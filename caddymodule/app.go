@@ -70,7 +70,9 @@ type App struct {
 
 	// PeerTimeout bounds the wait for a peer's response headers, and the
 	// time a peer's body may send nothing before the transfer resumes on
-	// another peer. Default: 2s. Caddyfile: `peer_timeout`.
+	// another peer. A body that sends less than 32 KiB per second of
+	// waiting on it, measured over this time, is resumed elsewhere too.
+	// Default: 2s. Caddyfile: `peer_timeout`.
 	PeerTimeout caddy.Duration `json:"peer_timeout,omitempty"`
 
 	// MaxPeers bounds the peers tried for one request. Default: 3.

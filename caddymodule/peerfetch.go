@@ -21,9 +21,14 @@ import (
 const (
 	headerForwarded = "X-Peermirror-Forwarded"
 	headerSource    = "X-Peermirror-Source"
-	// peerProtocolVersion versions what one node asks of another over HTTP.
-	peerProtocolVersion = "1"
 )
+
+// peerProtocolVersion versions what one node asks of another over HTTP.
+// A receiving node treats any value as forwarded. It is a variable only so
+// that tests can build a node speaking a newer version, with
+// -ldflags "-X github.com/peermirror/peermirror/caddymodule.peerProtocolVersion=2";
+// nothing changes it at run time.
+var peerProtocolVersion = "1"
 
 // errNoPeer means no peer offered the content in time: a miss.
 var errNoPeer = errors.New("no peer has it")
@@ -53,7 +58,8 @@ type peerFetcher struct {
 	maxPeers       int           // peers tried for one request
 	maxResumes     int           // resumes of one body
 
-	bad *peerSet // peers that sent bytes not matching the digest
+	bad    *peerSet     // peers that sent bytes not matching the digest
+	recent *recentPeers // peers lookups found lately, by key
 }
 
 // peerSet is a set of peer IDs, safe for concurrent use.
@@ -75,6 +81,131 @@ func (s *peerSet) has(id string) bool {
 	_, ok := s.ids[id]
 	s.mu.RUnlock()
 	return ok
+}
+
+// recentPeersTTL is how long the peers found for a key are offered to
+// later requests for it without waiting on the DHT.
+const recentPeersTTL = 10 * time.Second
+
+// maxRecentKeys bounds the keys whose peers are remembered.
+const maxRecentKeys = 4096
+
+// recentPeers remembers the peers that lookups found for each key for a
+// short while, and lets lookups for one key running at once share what
+// each finds. A burst of requests for one digest (parallel ranges of a
+// layer, many clients at once) would otherwise start one DHT lookup each,
+// and under load a lookup can take longer than the resolve timeout, which
+// turns a hit into a miss.
+type recentPeers struct {
+	mu   sync.Mutex
+	keys map[string]*recentEntry
+}
+
+type recentEntry struct {
+	peers   []peerCandidate
+	at      time.Time     // when the entry was made or a peer last found
+	changed chan struct{} // closed when a peer is found
+}
+
+func newRecentPeers() *recentPeers { return &recentPeers{keys: map[string]*recentEntry{}} }
+
+// entryLocked returns key's entry, made afresh if it is missing or too
+// old, or nil when the map is full of fresh entries.
+func (r *recentPeers) entryLocked(key string, now time.Time) *recentEntry {
+	e, ok := r.keys[key]
+	if ok && now.Sub(e.at) <= recentPeersTTL {
+		return e
+	}
+	if !ok && len(r.keys) >= maxRecentKeys {
+		for k, old := range r.keys {
+			if now.Sub(old.at) > recentPeersTTL {
+				delete(r.keys, k)
+			}
+		}
+		if len(r.keys) >= maxRecentKeys {
+			return nil
+		}
+	}
+	if ok {
+		close(e.changed) // wake those watching the old entry
+	}
+	e = &recentEntry{at: now, changed: make(chan struct{})}
+	r.keys[key] = e
+	return e
+}
+
+// watch returns the peers found for key within recentPeersTTL and a
+// channel that is closed when another is found.
+func (r *recentPeers) watch(key string) ([]peerCandidate, <-chan struct{}) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.entryLocked(key, time.Now())
+	if e == nil {
+		return nil, nil
+	}
+	return slices.Clone(e.peers), e.changed
+}
+
+// add records that a lookup found p for key.
+func (r *recentPeers) add(key string, p peerCandidate) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	e := r.entryLocked(key, now)
+	if e == nil {
+		return
+	}
+	e.at = now
+	if i := slices.IndexFunc(e.peers, func(q peerCandidate) bool { return q.id == p.id }); i >= 0 {
+		e.peers[i] = p
+		return
+	}
+	e.peers = append(e.peers, p)
+	close(e.changed)
+	e.changed = make(chan struct{})
+}
+
+// lookup yields up to max peers for key: first those found for it lately,
+// at once, then the ones that its own DHT lookup or a lookup for the same
+// key running at the same time finds. The channel closes when its lookup
+// ends or ctx does.
+func (f *peerFetcher) lookup(ctx context.Context, key string, max int) <-chan peerCandidate {
+	known, changed := f.recent.watch(key)
+	live := f.resolver.resolve(ctx, key, max)
+	out := make(chan peerCandidate)
+	go func() {
+		defer close(out)
+		sent := map[string]bool{}
+		emit := func(peers ...peerCandidate) {
+			for _, p := range peers {
+				if sent[p.id] || len(sent) >= max || ctx.Err() != nil {
+					continue
+				}
+				sent[p.id] = true
+				select {
+				case out <- p:
+				case <-ctx.Done():
+				}
+			}
+		}
+		emit(known...)
+		// read the lookup to its end (it ends with ctx), remembering what
+		// it finds even once enough peers were handed out
+		for {
+			select {
+			case p, ok := <-live:
+				if !ok {
+					return
+				}
+				f.recent.add(key, p)
+				emit(p)
+			case <-changed:
+				known, changed = f.recent.watch(key)
+				emit(known...)
+			}
+		}
+	}()
+	return out
 }
 
 // candidates hands out the peers a lookup finds, each once, skipping peers
@@ -275,9 +406,17 @@ func (f *peerFetcher) send(ctx context.Context, p peerCandidate, req peerRequest
 	return resp, nil
 }
 
+// minPeerRate is the slowest a peer may send, in bytes per second of
+// waiting on it, measured over each peer timeout: a peer that trickles is
+// as good as stalled, and the transfer resumes elsewhere.
+const minPeerRate = 32 << 10
+
+// errSlowPeer ends a stream from a peer slower than minPeerRate.
+var errSlowPeer = errors.New("peer sends too slowly")
+
 // peerBody reads a body from peers, resuming with a Range request on
-// another peer (or the same one) when the stream breaks or stalls, so the
-// reader sees one unbroken body.
+// another peer (or the same one) when the stream breaks, stalls or
+// trickles, so the reader sees one unbroken body.
 type peerBody struct {
 	f      *peerFetcher
 	ctx    context.Context
@@ -291,6 +430,11 @@ type peerBody struct {
 	done   int64 // bytes delivered
 	peers  map[string]bool
 	tries  int
+	// waited and got measure the current stream's rate: time spent
+	// blocked reading it, and bytes it gave, since the last check
+	waited time.Duration
+	got    int64
+	slow   bool // the current stream is to be replaced at the next Read
 }
 
 func newPeerBody(f *peerFetcher, ctx context.Context, cands *candidates, req peerRequest,
@@ -310,10 +454,21 @@ func (b *peerBody) Read(p []byte) (int, error) {
 		p = p[:b.length-b.done]
 	}
 	for {
+		if b.slow {
+			b.slow = false
+			if rerr := b.resume(errSlowPeer); rerr != nil {
+				return 0, rerr
+			}
+		}
+		// the stall timer runs only while waiting on the peer: a reader
+		// that pauses (a slow client) does not make the peer look stalled
+		began := time.Now()
+		b.timer.Reset(b.f.stallTimeout)
 		n, err := b.cur.resp.Body.Read(p)
+		b.timer.Stop()
 		if n > 0 {
-			b.timer.Reset(b.f.stallTimeout)
 			b.done += int64(n)
+			b.measure(n, time.Since(began))
 			return n, nil
 		}
 		if err == nil {
@@ -326,6 +481,22 @@ func (b *peerBody) Read(p []byte) (int, error) {
 			return 0, rerr
 		}
 	}
+}
+
+// measure adds a read of n bytes that took d to the current stream's rate
+// and, once a peer timeout's worth of waiting has passed, marks the stream
+// slow if it sent less than minPeerRate allows. Only time spent waiting on
+// the peer counts, so a reader that pauses does not make a peer look slow.
+func (b *peerBody) measure(n int, d time.Duration) {
+	b.waited += d
+	b.got += int64(n)
+	if b.waited < b.f.stallTimeout {
+		return
+	}
+	if float64(b.got) < minPeerRate*b.waited.Seconds() && b.done < b.length {
+		b.slow = true
+	}
+	b.waited, b.got = 0, 0
 }
 
 // resume replaces the current stream with a ranged one from the byte
@@ -342,15 +513,23 @@ func (b *peerBody) resume(cause error) error {
 	b.f.logger.Debug("resuming peer stream", zap.String("peer", b.cur.peer.id),
 		zap.Int64("offset", from), zap.Error(cause))
 
+	// a peer may ignore the range and send everything (manifests are never
+	// served in ranges): the bytes up to the break are then skipped
 	req := b.req
 	req.method = http.MethodGet
 	req.rng = "bytes=" + strconv.FormatInt(from, 10) + "-" + strconv.FormatInt(to, 10)
-	req.partial = true
+	req.anyStatus = []int{http.StatusPartialContent, http.StatusOK}
 	check := func(resp *http.Response) error {
 		if b.check != nil {
 			if err := b.check(resp); err != nil {
 				return err
 			}
+		}
+		if resp.StatusCode == http.StatusOK {
+			if resp.ContentLength <= to {
+				return fmt.Errorf("peer ignored the range and sent %d bytes for bytes %d-%d", resp.ContentLength, from, to)
+			}
+			return nil
 		}
 		return checkContentRange(resp, from, to)
 	}
@@ -375,6 +554,12 @@ func (b *peerBody) resume(cause error) error {
 	b.peers[r.peer.id] = true
 	b.timer.Stop()
 	b.timer = time.AfterFunc(b.f.stallTimeout, r.cancel)
+	b.waited, b.got = 0, 0
+	if r.resp.StatusCode == http.StatusOK {
+		if _, err := io.CopyN(io.Discard, r.resp.Body, from); err != nil {
+			return fmt.Errorf("resuming at byte %d: skipping the bytes before it: %w", from, err)
+		}
+	}
 	return nil
 }
 
@@ -450,6 +635,7 @@ func newPeerFetcher(resolver peerResolver, resolveTimeout, hedgeDelay, peerTimeo
 		maxPeers:       maxPeers,
 		maxResumes:     maxPeers + 2,
 		bad:            newPeerSet(),
+		recent:         newRecentPeers(),
 	}
 }
 

@@ -48,7 +48,7 @@ func (h *Handler) servePeer(w http.ResponseWriter, r *http.Request, f *peerFetch
 		req.tag, req.digest = "", d
 	}
 	key := req.digest.String()
-	cands := newCandidates(f.resolver.resolve(ctx, key, f.maxPeers), f.bad)
+	cands := newCandidates(f.lookup(ctx, key, f.maxPeers), f.bad)
 	preq := peerRequest{method: r.Method, path: peerPath(req)}
 	check := func(resp *http.Response) error {
 		if got := resp.Header.Get("Docker-Content-Digest"); got != "" && got != key {
@@ -261,7 +261,7 @@ const maxTagPeers = 3
 // depends on which peer happened to answer first.
 func (h *Handler) resolveTagFromPeers(ctx context.Context, f *peerFetcher, req ociRequest) (digest.Digest, error) {
 	key := req.ref()
-	cands := newCandidates(f.resolver.resolve(ctx, key, maxTagPeers), f.bad)
+	cands := newCandidates(f.lookup(ctx, key, maxTagPeers), f.bad)
 	deadline := time.Now().Add(f.resolveTimeout)
 	var peers []peerCandidate
 	for len(peers) < maxTagPeers {

@@ -440,8 +440,15 @@ func (s *Store) forget(dgst digest.Digest) {
 }
 
 // useContentDir switches blob reads to files under dir if dir is readable.
+// The folder itself is enough: a containerd that has stored nothing yet
+// has no blobs folder in it, and Open reads a blob whose file it cannot
+// use over gRPC anyway.
 func (s *Store) useContentDir(dir string) {
-	if _, err := os.Stat(filepath.Join(dir, "blobs")); err != nil {
+	fi, err := os.Stat(dir)
+	if err == nil && !fi.IsDir() {
+		err = errors.New("not a directory")
+	}
+	if err != nil {
 		s.logger.Warn("containerd content directory not readable; serving blobs over gRPC, which is slower",
 			zap.String("content_dir", dir), zap.Error(err))
 		return

@@ -32,7 +32,13 @@ import (
 const InfoProtocolID protocol.ID = "/peermirror/info/1.0.0"
 
 // InfoVersion is the version of the info document written by this package.
-const InfoVersion = 1
+// It is a variable only so that tests can build a node that writes a newer
+// version (see infoVersion); nothing changes it at run time.
+var InfoVersion = parseVersion("infoVersion", infoVersion)
+
+// infoVersion is InfoVersion as text, which the linker can set:
+// -ldflags "-X github.com/peermirror/peermirror/dht.infoVersion=2".
+var infoVersion = "1"
 
 const (
 	// maxInfoSize bounds the info document.

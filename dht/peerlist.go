@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strconv"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
@@ -16,8 +17,25 @@ const PeerListPath = "/.well-known/peermirror/v1/peers"
 
 // PeerListVersion is the version of the peer list format written by this
 // package. Readers accept any version from 1 up: a newer writer keeps the
-// fields described here and may add others, which are ignored.
-const PeerListVersion = 1
+// fields described here and may add others, which are ignored. It is a
+// variable only so that tests can build a node that writes a newer version
+// (see peerListVersion); nothing changes it at run time.
+var PeerListVersion = parseVersion("peerListVersion", peerListVersion)
+
+// peerListVersion is PeerListVersion as text, which the linker can set:
+// -ldflags "-X github.com/peermirror/peermirror/dht.peerListVersion=2".
+var peerListVersion = "1"
+
+// parseVersion turns a format version set at link time into a number. A
+// value that is not a positive integer is a broken build: it panics at
+// start rather than write documents no peer accepts.
+func parseVersion(name, s string) int {
+	v, err := strconv.Atoi(s)
+	if err != nil || v < 1 {
+		panic(fmt.Sprintf("dht: %s %q set at link time is not a positive integer", name, s))
+	}
+	return v
+}
 
 // maxPeerListSize bounds the peer list document read from a bootstrap
 // source.

@@ -25,7 +25,24 @@ const (
 // the lookup ends, ctx ends or the router is closed; the caller should
 // read it until then, or cancel ctx.
 func (r *Router) Resolve(ctx context.Context, key string, max int) <-chan Peer {
-	out := make(chan Peer)
+	// providers this node stores itself (in a small cluster, all of them)
+	// are on the channel before Resolve returns, so a caller's deadline
+	// never expires while a busy scheduler delays the lookup goroutine
+	local := r.localProviders(ctx, key, max)
+	buffer := len(local)
+	if buffer == 0 {
+		buffer = 1
+	}
+	out := make(chan Peer, buffer)
+	seen := make(map[peer.ID]struct{}, len(local))
+	for _, p := range local {
+		out <- p
+		seen[p.ID] = struct{}{}
+	}
+	if max > 0 && len(local) >= max {
+		close(out)
+		return out
+	}
 	var cancel context.CancelFunc
 	ctx, cancel = context.WithCancel(ctx)
 	started := r.goTracked(func(rctx context.Context) {
@@ -33,7 +50,7 @@ func (r *Router) Resolve(ctx context.Context, key string, max int) <-chan Peer {
 		defer cancel()
 		stop := context.AfterFunc(rctx, cancel)
 		defer stop()
-		r.resolve(ctx, cancel, key, max, out)
+		r.resolve(ctx, cancel, key, max, out, seen)
 	})
 	if !started {
 		cancel()
@@ -42,8 +59,42 @@ func (r *Router) Resolve(ctx context.Context, key string, max int) <-chan Peer {
 	return out
 }
 
+// localProviders returns the providers of key that this node's own
+// provider store holds and whose mirror URL is known, at most max (no
+// limit if max <= 0).
+func (r *Router) localProviders(ctx context.Context, key string, max int) []Peer {
+	h, kad, ok := r.running()
+	if !ok {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, localLookupTimeout)
+	defer cancel()
+	infos, err := kad.ProviderStore().GetProviders(ctx, KeyCID(key).Hash())
+	if err != nil {
+		return nil
+	}
+	self := h.ID()
+	var out []Peer
+	for _, ai := range infos {
+		if ai.ID == self {
+			continue
+		}
+		if p, ok := r.knownPeer(ai.ID, ai.Addrs); ok {
+			out = append(out, p)
+			if max > 0 && len(out) >= max {
+				break
+			}
+		}
+	}
+	return out
+}
+
+// localLookupTimeout bounds the look into this node's own provider store.
+const localLookupTimeout = time.Second
+
 func (r *Router) resolve(
 	ctx context.Context, cancel context.CancelFunc, key string, max int, out chan<- Peer,
+	already map[peer.ID]struct{},
 ) {
 	start := time.Now()
 	self := r.host.ID()
@@ -58,10 +109,10 @@ func (r *Router) resolve(
 
 	var (
 		mu      sync.Mutex
-		sent    int
+		sent    = len(already)
 		workers sync.WaitGroup
 		sem     = make(chan struct{}, resolveConcurrency)
-		seen    = make(map[peer.ID]struct{})
+		seen    = already
 	)
 	// send delivers p unless enough were sent.
 	send := func(p Peer) {

@@ -63,8 +63,11 @@ type Caddy struct {
 	URL string
 	// Port is the mirror's port.
 	Port int
-	// AdminAddr is the admin API's address.
+	// AdminAddr is the admin API's address. With [InNetns] it is on the
+	// namespace's own loopback, out of the test's reach.
 	AdminAddr string
+	// Netns is the network namespace Caddy runs in ([InNetns]), or "".
+	Netns string
 
 	caddyfile string
 	bin       string
@@ -76,14 +79,22 @@ type Caddy struct {
 // mirror port and admin address it is given, and waits until GET /v2/
 // answers 200. Debug logging is on, so each served request is logged.
 // t.Cleanup stops it.
-func StartCaddy(t T, site func(port int, admin string) string) *Caddy {
+func StartCaddy(t T, site func(port int, admin string) string, opts ...CaddyOption) *Caddy {
 	t.Helper()
-	c := &Caddy{bin: CaddyBinary(t), Dir: makeTempDir(t, "pm-caddy-")}
+	return StartCaddyWithBinary(t, CaddyBinary(t), site, opts...)
+}
+
+// StartCaddyWithBinary is [StartCaddy] with the Caddy binary at bin, such
+// as one made by [BuildCaddy].
+func StartCaddyWithBinary(t T, bin string, site func(port int, admin string) string, opts ...CaddyOption) *Caddy {
+	t.Helper()
+	c := &Caddy{bin: bin, Dir: makeTempDir(t, "pm-caddy-")}
 	c.logPath = filepath.Join(c.Dir, "caddy.log")
 	logTailOnFailure(t, "caddy", c.logPath)
 	c.Port = FreePort(t)
 	c.AdminAddr = fmt.Sprintf("127.0.0.1:%d", FreePort(t))
 	c.URL = fmt.Sprintf("http://127.0.0.1:%d", c.Port)
+	c.applyOptions(opts) // network namespace and addresses
 	c.caddyfile = site(c.Port, c.AdminAddr)
 	t.Cleanup(func() { c.Stop(t) })
 	c.start(t)
@@ -96,8 +107,9 @@ func (c *Caddy) start(t T) {
 	if err := os.WriteFile(path, []byte(c.caddyfile), 0o644); err != nil {
 		t.Fatalf("testenv: writing Caddyfile: %v", err)
 	}
+	bin, args := c.command(t, "run", "--config", path, "--adapter", "caddyfile")
 	p, err := startProcess("caddy", c.logPath, childEnv("HOME="+c.Dir, "XDG_DATA_HOME="+c.Dir, "XDG_CONFIG_HOME="+c.Dir),
-		c.bin, "run", "--config", path, "--adapter", "caddyfile")
+		bin, args...)
 	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}

@@ -1,7 +1,10 @@
 package testenv
 
 import (
+	"archive/tar"
+	"bytes"
 	"context"
+	crand "crypto/rand"
 	"fmt"
 	"strings"
 
@@ -11,6 +14,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/opencontainers/go-digest"
 )
@@ -345,4 +349,44 @@ func (out *Image) addImage(img v1.Image) (digest.Digest, string, error) {
 		out.LayersFor[p] = append(out.LayersFor[p], ld)
 	}
 	return md, string(mt), nil
+}
+
+// PushUncompressedImage pushes an OCI image of the local platform whose
+// layers are uncompressed tars (application/vnd.oci.image.layer.v1.tar),
+// each holding one file of layerSize random bytes: its blobs are as large
+// as asked, and large ones are made in a moment even under the race
+// detector, which slows the gzip and math/rand of [Registry.PushRandomImage]
+// many times over.
+func (r *Registry) PushUncompressedImage(t T, repo, tag string, layers int, layerSize int64) Image {
+	t.Helper()
+	img, err := randomImage(LocalPlatform(), 0, 0, false)
+	if err != nil {
+		t.Fatalf("testenv: building OCI image: %v", err)
+	}
+	for i := 0; i < layers; i++ {
+		var buf bytes.Buffer
+		tw := tar.NewWriter(&buf)
+		data := make([]byte, layerSize)
+		if _, err := crand.Read(data); err != nil {
+			t.Fatalf("testenv: %v", err)
+		}
+		err := tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("random-%d", i), Size: layerSize, Typeflag: tar.TypeReg, Mode: 0o644})
+		if err == nil {
+			_, err = tw.Write(data)
+		}
+		if err == nil {
+			err = tw.Close()
+		}
+		if err != nil {
+			t.Fatalf("testenv: writing layer tar: %v", err)
+		}
+		img, err = mutate.Append(img, mutate.Addendum{
+			Layer:   static.NewLayer(buf.Bytes(), types.OCIUncompressedLayer),
+			History: v1.History{CreatedBy: fmt.Sprintf("peermirror testenv uncompressed layer %d of %d", i+1, layers)},
+		})
+		if err != nil {
+			t.Fatalf("testenv: appending layer: %v", err)
+		}
+	}
+	return r.pushImage(t, repo, tag, img)
 }

@@ -7,12 +7,15 @@ import (
 
 // Node is one machine of a test cluster: its own containerd and its own
 // Caddy with peermirror (peer to peer on), on loopback with ports of its
-// own.
+// own, or with Caddy in a network namespace of its own ([NodeOptions.Host]).
 type Node struct {
 	Name    string
 	Ctrd    *Containerd
 	Mirror  *Caddy
 	P2PPort int
+	// Host is the network namespace the node's Caddy runs in
+	// ([NodeOptions.Host]), or nil on loopback.
+	Host *Host
 }
 
 // NodeOptions shape a node's Caddyfile.
@@ -23,18 +26,54 @@ type NodeOptions struct {
 	Extra string
 	// DHTExtra is added inside the dht block.
 	DHTExtra string
+	// MirrorPort, when set, is the mirror_port told to peers instead of
+	// the port Caddy listens on: the port of a [FaultProxy] in front of
+	// the node, so that peers reach it only through the proxy.
+	MirrorPort int
+	// CaddyBinary, when set, is the Caddy run instead of [CaddyBinary]'s:
+	// another build of the plugin (see [BuildCaddy]).
+	CaddyBinary string
+
+	// Host, when set, runs the node's Caddy in that network namespace
+	// (its containerd stays in the root namespace: only its socket
+	// matters): mirror on port [NetnsMirrorPort] and libp2p on
+	// [NetnsP2PPort] of the host's addresses, which are announced; the
+	// node's containerd asks the mirror at the host's first address. See
+	// startNetnsNode.
+	Host *Host
+	// BootstrapDNS lists host names (bootstrap_dns), resolved in the
+	// node's namespace through [Network.SetName].
+	BootstrapDNS []string
+	// DetectAddrs, with Host, listens on every address of the namespace
+	// (libp2p on 0.0.0.0 and, for IPv6 hosts, ::) and announces nothing:
+	// the node detects its addresses itself.
+	DetectAddrs bool
 }
 
 // StartNode starts a node whose containerd asks its own mirror first and
 // upstream second for registryHost.
 func StartNode(t T, name string, registryHost, upstream string, opts NodeOptions) *Node {
 	t.Helper()
+	if opts.Host != nil {
+		return startNetnsNode(t, name, registryHost, upstream, opts)
+	}
 	n := &Node{Name: name, Ctrd: StartContainerd(t), P2PPort: FreePort(t)}
-	n.Mirror = StartCaddy(t, func(port int, admin string) string {
+	bin := opts.CaddyBinary
+	if bin == "" {
+		bin = CaddyBinary(t)
+	}
+	n.Mirror = StartCaddyWithBinary(t, bin, func(port int, admin string) string {
+		mirrorPort := port
+		if opts.MirrorPort != 0 {
+			mirrorPort = opts.MirrorPort
+		}
 		var dhtLines strings.Builder
-		fmt.Fprintf(&dhtLines, "\t\t\tlisten /ip4/127.0.0.1/tcp/%d\n\t\t\tmirror_port %d\n", n.P2PPort, port)
+		fmt.Fprintf(&dhtLines, "\t\t\tlisten /ip4/127.0.0.1/tcp/%d\n\t\t\tmirror_port %d\n", n.P2PPort, mirrorPort)
 		for _, b := range opts.Bootstrap {
 			fmt.Fprintf(&dhtLines, "\t\t\tbootstrap_http %s\n", b)
+		}
+		for _, name := range opts.BootstrapDNS {
+			fmt.Fprintf(&dhtLines, "\t\t\tbootstrap_dns %s\n", name)
 		}
 		if opts.DHTExtra != "" {
 			dhtLines.WriteString(opts.DHTExtra + "\n")

@@ -8,10 +8,13 @@
 // in a log file; t.Cleanup stops it and removes its directories, and on test
 // failure the tail of each log is added to the test output.
 //
-// Network rule: everything talks only to 127.0.0.1. Registry host names used
-// in image references (such as "registry.test") must only ever be mapped to
-// loopback servers through hosts.toml files written by
-// [Containerd.WriteHostsToml]; they are never resolved through DNS.
+// Network rule: everything talks only to 127.0.0.1, or to the addresses of
+// the network namespaces and bridges a test makes with [NewNetwork] (private
+// ranges that exist only on those bridges, for as long as the network
+// lives). Registry host names used in image references (such as
+// "registry.test") must only ever be mapped to such servers through
+// hosts.toml files written by [Containerd.WriteHostsToml]; they are never
+// resolved through DNS.
 package testenv
 
 import (
@@ -20,6 +23,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -245,7 +249,7 @@ func childEnv(extra ...string) []string {
 }
 
 // checkLoopbackURL returns an error unless u is an http or https URL whose
-// host is a loopback IP address.
+// host is a loopback IP address or an address of a live test [Network].
 func checkLoopbackURL(u string) error {
 	pu, err := url.Parse(u)
 	if err != nil {
@@ -254,15 +258,16 @@ func checkLoopbackURL(u string) error {
 	if pu.Scheme != "http" && pu.Scheme != "https" {
 		return fmt.Errorf("%q: scheme must be http or https", u)
 	}
-	ip := net.ParseIP(pu.Hostname())
-	if ip == nil || !ip.IsLoopback() {
-		return fmt.Errorf("%q: host must be a loopback IP address (127.0.0.0/8 or ::1), never a name or another address", u)
+	ip, err := netip.ParseAddr(pu.Hostname())
+	if err != nil || !allowedIP(ip) {
+		return fmt.Errorf("%q: host must be a loopback IP address (127.0.0.0/8 or ::1) or one of a test network, never a name or another address", u)
 	}
 	return nil
 }
 
 // loopbackTransport returns an HTTP transport that uses no proxy and refuses
-// to connect anywhere but loopback addresses.
+// to connect anywhere but loopback addresses and those of live test
+// networks.
 func loopbackTransport() *http.Transport {
 	d := &net.Dialer{
 		Timeout: hangTimeout,
@@ -271,7 +276,7 @@ func loopbackTransport() *http.Transport {
 			if err != nil {
 				return err
 			}
-			if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
+			if ip, err := netip.ParseAddr(host); err != nil || !allowedIP(ip) {
 				return fmt.Errorf("testenv: refusing to connect to non-loopback address %s", address)
 			}
 			return nil
