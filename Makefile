@@ -6,10 +6,12 @@ CADDY       := $(CURDIR)/bin/caddy
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 XCADDY      := github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5
 CADDY_VERSION := v2.11.9
+HELM        := $(TOOLS_BIN)/helm
+CHART       := charts/peermirror
 # go test budget: a generous hang detector for the whole run
 TEST_TIMEOUT ?= 30m
 
-.PHONY: all build tools test test-short lint demo bench xcaddy clean
+.PHONY: all build tools test test-short lint demo bench xcaddy chart clean
 
 all: build
 
@@ -22,7 +24,7 @@ tools:
 	@hack/install-tools.sh
 
 ## test: every test, against real containerd, registry and Caddy
-test: tools build
+test: tools build chart
 	PEERMIRROR_CADDY=$(CADDY) $(GO) test -race -timeout $(TEST_TIMEOUT) ./...
 
 ## test-short: the unit tests only (no containerd, no root)
@@ -41,6 +43,13 @@ demo: tools build
 ## bench: throughput of blob GETs from the local store and through a peer
 bench: tools build
 	PEERMIRROR_CADDY=$(CADDY) $(GO) test -run '^$$' -bench . -benchtime 5x -timeout 20m ./bench/
+
+## chart: helm lint and helm template of the chart, with the default and the GPU values
+chart: tools
+	$(HELM) lint --strict $(CHART)
+	$(HELM) lint --strict $(CHART) -f $(CHART)/values-gpu.yaml
+	$(HELM) template pm $(CHART) >/dev/null
+	$(HELM) template pm $(CHART) -f $(CHART)/values-gpu.yaml >/dev/null
 
 ## xcaddy: the same Caddy built the way plugin users build it
 xcaddy:

@@ -1,18 +1,22 @@
-# The peermirror Caddy image, built the way Caddy plugins are built.
+# The peermirror image: Caddy v2.11.9 with the peermirror plugin, built by
+# xcaddy from this source tree in Caddy's builder image, then copied into
+# the matching Caddy image (the caddy:<version>-builder pattern).
 #   docker build -f xcaddy.Dockerfile -t peermirror:dev .
-FROM golang:1.26 AS build
-ENV CGO_ENABLED=0
-RUN go install github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5
-WORKDIR /src
-COPY . .
-# @v0.0.0 with a local replacement: xcaddy then needs no published version
-RUN xcaddy build v2.11.9 --output /out/caddy \
-	--with github.com/peermirror/peermirror@v0.0.0=/src
+# deploytest runs the same xcaddy build step without Docker.
+FROM caddy:2.11.9-builder AS builder
+# The plugin needs Go 1.26.6 or newer (containerd v2.4.2): with an older Go
+# in the builder, GOTOOLCHAIN=auto fetches it. Static binary; no file
+# capabilities (XCADDY_SETCAP=0), since the chart drops every capability
+# and needs no port below 1024.
+ENV GOTOOLCHAIN=auto CGO_ENABLED=0 XCADDY_SETCAP=0
+COPY . /src/peermirror
+# @v0.0.0 with a local replacement: xcaddy then needs no published version.
+RUN xcaddy build v2.11.9 \
+	--with github.com/peermirror/peermirror@v0.0.0=/src/peermirror \
+	--output /usr/bin/caddy
 
-FROM gcr.io/distroless/static-debian12
-COPY --from=build /out/caddy /usr/bin/caddy
+FROM caddy:2.11.9
+COPY --from=builder /usr/bin/caddy /usr/bin/caddy
 COPY Caddyfile.example /etc/caddy/Caddyfile
-# the mirror port; the admin API stays on localhost:2019
-EXPOSE 30020
-ENTRYPOINT ["/usr/bin/caddy"]
-CMD ["run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"]
+# the mirror and the DHT; the image's default command runs the Caddyfile
+EXPOSE 30020 5001

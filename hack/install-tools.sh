@@ -15,6 +15,7 @@ tools=(
 	"registry|github.com/distribution/distribution/v3/cmd/registry|v3.1.2"
 	"crictl|sigs.k8s.io/cri-tools/cmd/crictl|v1.37.0"
 	"crane|github.com/google/go-containerregistry/cmd/crane|v0.22.1"
+	"helm|helm.sh/helm/v4/cmd/helm|v4.3.2"
 )
 
 for t in "${tools[@]}"; do
