@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/distribution/reference"
+	"github.com/opencontainers/go-digest"
 	"go.uber.org/zap"
 
 	"github.com/peermirror/peermirror/contentstore"
@@ -36,6 +37,7 @@ type advertiser struct {
 	refs   map[string]int      // key -> number of images that hold it
 	// advertised is len(refs), readable from other goroutines
 	advertised atomic.Int64
+	tags       int // keys in refs that are image references
 }
 
 func newAdvertiser(store *contentstore.Store, target advertiseTarget, keep func(contentstore.Image) bool,
@@ -182,6 +184,7 @@ func (a *advertiser) set(name string, keys []string) {
 	for _, k := range keys {
 		if a.refs[k] == 0 {
 			add = append(add, k)
+			a.tags += isTagKey(k)
 		}
 		a.refs[k]++
 	}
@@ -190,9 +193,12 @@ func (a *advertiser) set(name string, keys []string) {
 		if a.refs[k] == 0 {
 			delete(a.refs, k)
 			drop = append(drop, k)
+			a.tags -= isTagKey(k)
 		}
 	}
 	a.advertised.Store(int64(len(a.refs)))
+	metrics.advertised.WithLabelValues("tag").Set(float64(a.tags))
+	metrics.advertised.WithLabelValues("digest").Set(float64(len(a.refs) - a.tags))
 	if len(keys) == 0 {
 		delete(a.images, name)
 	} else {
@@ -204,6 +210,14 @@ func (a *advertiser) set(name string, keys []string) {
 	if len(drop) > 0 {
 		a.target.Withdraw(drop...)
 	}
+}
+
+// isTagKey is 1 for an image reference key and 0 for a digest.
+func isTagKey(k string) int {
+	if _, err := digest.Parse(k); err == nil {
+		return 0
+	}
+	return 1
 }
 
 // count returns how many keys are advertised.

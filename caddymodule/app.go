@@ -136,6 +136,9 @@ func (p pooledStore) Destruct() error { return p.Close() }
 // nothing, so `caddy validate` works without containerd.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
+	}
 	cc := ContainerdConfig{}
 	if a.Containerd != nil {
 		cc = *a.Containerd
@@ -256,6 +259,7 @@ func (a *App) Start() error {
 			return err
 		}
 	}
+	running.Store(a)
 	a.logger.Info("peermirror started",
 		zap.String("containerd", a.storeCfg.Address),
 		zap.String("namespace", a.storeCfg.Namespace),
@@ -266,6 +270,7 @@ func (a *App) Start() error {
 
 // Stop releases this config's hold on the containerd connection.
 func (a *App) Stop() error {
+	running.CompareAndSwap(a, nil)
 	return a.releaseStore()
 }
 

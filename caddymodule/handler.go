@@ -51,6 +51,9 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // the config has none.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
+	}
 	appIface, err := ctx.App("peermirror")
 	if err != nil {
 		return fmt.Errorf("loading peermirror app: %w", err)
@@ -72,6 +75,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if r.URL.Path != "/v2" && !strings.HasPrefix(r.URL.Path, "/v2/") {
 		return next.ServeHTTP(w, r)
 	}
+	// every answer below is counted: by registry, kind, source and bytes
+	cw := &countingWriter{ResponseWriter: w}
+	w = cw
+	start := time.Now()
+	var req ociRequest
+	source := "invalid"
+	defer func() { observeRequest(r, req, source, cw, time.Since(start)) }()
+
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
 		h.refuse(w, r, &requestError{status: http.StatusMethodNotAllowed, code: codeUnsupported,
@@ -83,7 +94,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		h.refuse(w, r, rerr)
 		return nil
 	}
+	source = "miss"
 	if req.kind == kindBase {
+		source = "local"
 		w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("Content-Length", "2")
@@ -109,8 +122,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	// a request from another node is served from this store only
 	forwarded := r.Header.Get(headerForwarded) != ""
 
-	start := time.Now()
-	source := "local"
+	source = "local"
 	err := errNotStarted
 	if store := h.app.Store(); store != nil {
 		if req.kind == kindManifest {
@@ -133,8 +145,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	switch {
 	case err == nil:
 	case isMiss(err) || errors.Is(err, errWrongKind) || errors.Is(err, errNoPeer):
+		source = "miss"
 		h.miss(w, r, req, err.Error())
 	default:
+		source = "error"
 		h.logger.Error("serving content", zap.String("uri", r.RequestURI), zap.Error(err))
 		writeError(w, r, http.StatusInternalServerError, codeInternal, "reading content failed")
 	}

@@ -49,11 +49,22 @@ func (c *DHTConfig) poolKey() string {
 type routerResolver struct{ r *dht.Router }
 
 func (rr routerResolver) resolve(ctx context.Context, key string, max int) <-chan peerCandidate {
+	start := time.Now()
 	in := rr.r.Resolve(ctx, key, max)
 	out := make(chan peerCandidate)
 	go func() {
 		defer close(out)
+		first := true
+		defer func() {
+			if first {
+				observeLookup(time.Since(start), false)
+			}
+		}()
 		for p := range in {
+			if first {
+				first = false
+				observeLookup(time.Since(start), true)
+			}
 			select {
 			case out <- peerCandidate{id: p.ID.String(), url: p.MirrorURL}:
 			case <-ctx.Done():

@@ -6,8 +6,10 @@ package caddytest
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -245,4 +247,80 @@ func TestProbes(t *testing.T) {
 	waitStatus(live, http.StatusOK)
 	a.Restart(t)
 	waitStatus(ready, http.StatusOK)
+}
+
+// TestMetricsAcrossReload checks the peermirror collectors on Caddy's
+// /metrics, and that they keep counting after a config reload.
+func TestMetricsAcrossReload(t *testing.T) {
+	skipShort(t)
+	a := testenv.StartContainerd(t)
+	reg := testenv.StartRegistry(t)
+	img := reg.PushRandomImage(t, "team/metrics", "v1", 1, 64<<10)
+	a.PullFromRegistry(t, reg, upstreamHost, img)
+	site := mirrorCaddyfile(a.Socket)
+	mirror := testenv.StartCaddy(t, site)
+	blob := "/v2/team/metrics/blobs/" + img.Layers[0].String() + "?ns=" + upstreamHost
+
+	metric := func(name string) float64 {
+		t.Helper()
+		resp, err := testenv.HTTPClient().Get("http://" + mirror.AdminAddr + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		for _, line := range strings.Split(string(body), "\n") {
+			if strings.HasPrefix(line, name+" ") {
+				v, err := strconv.ParseFloat(strings.TrimPrefix(line, name+" "), 64)
+				if err != nil {
+					t.Fatalf("metric line %q: %v", line, err)
+				}
+				return v
+			}
+		}
+		t.Fatalf("no %s in /metrics:\n%s", name, body)
+		return 0
+	}
+	const served = `peermirror_requests_total{kind="blob",method="GET",registry="registry.test",source="local"}`
+	const missed = `peermirror_requests_total{kind="blob",method="GET",registry="registry.test",source="miss"}`
+	expectBlob(t, mirror, blob, img.Layers[0])
+	expectBlob(t, mirror, blob, img.Layers[0])
+	if got := metric(served); got != 2 {
+		t.Fatalf("%s = %v, want 2", served, got)
+	}
+	if got := metric(`peermirror_response_bytes_total{source="local"}`); got != float64(2*img.Sizes[img.Layers[0]]) {
+		t.Fatalf("bytes served = %v, want %d", got, 2*img.Sizes[img.Layers[0]])
+	}
+	if got := metric("peermirror_containerd_connected"); got != 1 {
+		t.Fatalf("containerd_connected = %v", got)
+	}
+
+	// reload with a changed setting: the counters go on from where they were
+	reloaded := strings.Replace(site(mirror.Port, mirror.AdminAddr), "registries "+upstreamHost,
+		"registries "+upstreamHost+"\n\t\tresolve_timeout 70ms", 1)
+	req, _ := http.NewRequest(http.MethodPost, "http://"+mirror.AdminAddr+"/load", strings.NewReader(reloaded))
+	req.Header.Set("Content-Type", "text/caddyfile")
+	resp, err := testenv.HTTPClient().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("reload: %d %s", resp.StatusCode, body)
+	}
+	expectBlob(t, mirror, blob, img.Layers[0])
+	if got := metric(served); got != 3 {
+		t.Fatalf("after reload %s = %v, want 3", served, got)
+	}
+	resp, _ = mirror.Get(t, "/v2/team/metrics/blobs/"+digest.FromString("absent").String()+"?ns="+upstreamHost)
+	if resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("absent blob: %d", resp.StatusCode)
+	}
+	if got := metric(missed); got != 1 {
+		t.Fatalf("%s = %v, want 1", missed, got)
+	}
+	if got := metric("peermirror_containerd_connected"); got != 1 {
+		t.Fatalf("containerd_connected after reload = %v", got)
+	}
 }
