@@ -411,6 +411,11 @@ func (f *peerFetcher) send(ctx context.Context, p peerCandidate, req peerRequest
 // as good as stalled, and the transfer resumes elsewhere.
 const minPeerRate = 32 << 10
 
+// maxResumeSkip is the most bytes skipped when a peer answers a resume
+// with the whole content: enough for any manifest, and quick to skip
+// within a peer timeout.
+const maxResumeSkip = maxManifestSize
+
 // errSlowPeer ends a stream from a peer slower than minPeerRate.
 var errSlowPeer = errors.New("peer sends too slowly")
 
@@ -526,7 +531,7 @@ func (b *peerBody) resume(cause error) error {
 			}
 		}
 		if resp.StatusCode == http.StatusOK {
-			if resp.ContentLength <= to {
+			if from > maxResumeSkip || resp.ContentLength <= to {
 				return fmt.Errorf("peer ignored the range and sent %d bytes for bytes %d-%d", resp.ContentLength, from, to)
 			}
 			return nil

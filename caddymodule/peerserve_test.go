@@ -72,6 +72,9 @@ const (
 	cutHalfway
 	trickleThenStall
 	wrongBytes
+	trickleForever // sends a little, often, never stalling
+	noRanges       // ignores Range, as the mirror does for manifests
+	cutNoResume    // cuts the body halfway and fails every ranged request
 )
 
 // startPeer serves blob (a blob or a manifest of mediaType) the way a peer
@@ -107,6 +110,39 @@ func startPeer(t *testing.T, id string, b behaviour, blob []byte, mediaType stri
 		case fail500:
 			w.WriteHeader(http.StatusInternalServerError)
 			return
+		case trickleForever:
+			if r.Header.Get("Range") != "" {
+				break
+			}
+			h.Set("Content-Length", strconv.Itoa(len(body)))
+			w.WriteHeader(http.StatusOK)
+			for off := 0; off < len(body); off += 512 {
+				_, _ = w.Write(body[off:min(off+512, len(body))])
+				w.(http.Flusher).Flush()
+				select {
+				case <-time.After(50 * time.Millisecond):
+				case <-r.Context().Done():
+					return
+				case <-unblock:
+					return
+				}
+			}
+			return
+		case noRanges:
+			h.Set("Content-Length", strconv.Itoa(len(body)))
+			w.WriteHeader(http.StatusOK)
+			_, _ = w.Write(body)
+			return
+		case cutNoResume:
+			if r.Header.Get("Range") != "" {
+				w.WriteHeader(http.StatusInternalServerError)
+				return
+			}
+			h.Set("Content-Length", strconv.Itoa(len(body)))
+			w.WriteHeader(http.StatusOK)
+			_, _ = w.Write(body[:len(body)/2])
+			w.(http.Flusher).Flush()
+			panic(http.ErrAbortHandler)
 		case cutHalfway, trickleThenStall:
 			if r.Header.Get("Range") != "" {
 				break // a resume asked of a faulty peer fails too
@@ -115,6 +151,7 @@ func startPeer(t *testing.T, id string, b behaviour, blob []byte, mediaType stri
 			w.WriteHeader(http.StatusOK)
 			if b == cutHalfway {
 				_, _ = w.Write(body[:len(body)/2])
+				w.(http.Flusher).Flush() // a small body would stay in the buffer
 				panic(http.ErrAbortHandler)
 			}
 			_, _ = w.Write(body[:100])
@@ -171,6 +208,7 @@ func TestPeerFaults(t *testing.T) {
 		{"500", large, fail500, "second"},
 		{"cut halfway resumes", large, cutHalfway, "both"},
 		{"stall resumes", large, trickleThenStall, "both"},
+		{"trickle resumes", large, trickleForever, "both"},
 		{"wrong small blob retried", small, wrongBytes, "second"},
 		{"dead peer", large, -1, "second"},
 	}
@@ -195,7 +233,8 @@ func TestPeerFaults(t *testing.T) {
 			srv, _ := peerOnlyServer(t, res)
 
 			start := time.Now()
-			resp, err := http.Get(srv.URL + "/v2/team/app/blobs/" + d.String() + "?ns=registry.test")
+			client := &http.Client{Timeout: 10 * time.Second} // hang detector
+			resp, err := client.Get(srv.URL + "/v2/team/app/blobs/" + d.String() + "?ns=registry.test")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -227,6 +266,34 @@ func TestPeerFaults(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestPeerManifestResume checks that a manifest whose stream breaks is
+// finished from a peer that answers the resume with the whole manifest,
+// as mirrors do: manifests are never served in ranges.
+func TestPeerManifestResume(t *testing.T) {
+	manifest := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",` +
+		`"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:` +
+		strings.Repeat("ab", 32) + `","size":2},"layers":[]}`)
+	d := digest.FromBytes(manifest)
+	const mt = "application/vnd.oci.image.manifest.v1+json"
+	cut := startPeer(t, "cut", cutNoResume, manifest, mt)
+	whole := startPeer(t, "whole", noRanges, manifest, mt)
+	res := &fakeResolver{peers: map[string][]peerCandidate{d.String(): {cut.candidate(), whole.candidate()}}}
+	srv, _ := peerOnlyServer(t, res)
+
+	resp, err := http.Get(srv.URL + "/v2/team/app/manifests/" + d.String() + "?ns=registry.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK || !bytes.Equal(body, manifest) {
+		t.Fatalf("GET manifest: %d, %v, %q", resp.StatusCode, err, body)
+	}
+	if src := resp.Header.Get(headerSource); src != "peer cut" || whole.count() == 0 {
+		t.Errorf("source %q, whole asked %d times; want a start on cut and a resume on whole", src, whole.count())
 	}
 }
 
