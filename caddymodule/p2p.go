@@ -139,6 +139,12 @@ func (a *App) stopP2P() error {
 // peer ID from its address.
 func (h *Handler) servePeerList(w http.ResponseWriter, r *http.Request) {
 	router := h.app.router.Load()
+	if router == nil && h.app.DHT != nil {
+		// Caddy serves HTTP a moment before it starts the app
+		w.Header().Set("Retry-After", "1")
+		writeError(w, r, http.StatusServiceUnavailable, codeUnsupported, "peer to peer is starting")
+		return
+	}
 	if router == nil {
 		writeError(w, r, http.StatusNotFound, codeUnsupported, "peer to peer is off on this node")
 		return

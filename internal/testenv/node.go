@@ -78,9 +78,13 @@ func StartNode(t T, name string, registryHost, upstream string, opts NodeOptions
 		if opts.DHTExtra != "" {
 			dhtLines.WriteString(opts.DHTExtra + "\n")
 		}
+		extra := ""
+		if opts.Extra != "" {
+			extra = opts.Extra + "\n"
+		}
 		return fmt.Sprintf("{\n\tadmin %s\n\tdebug\n\tpeermirror {\n\t\tcontainerd {\n\t\t\taddress %s\n\t\t}\n"+
-			"\t\tdht {\n%s\t\t}\n%s\n\t}\n}\n\n:%d {\n\tpeermirror\n}\n",
-			admin, n.Ctrd.Socket, dhtLines.String(), opts.Extra, port)
+			"\t\tdht {\n%s\t\t}\n%s\t}\n}\n\n:%d {\n\tpeermirror\n}\n",
+			admin, n.Ctrd.Socket, dhtLines.String(), extra, port)
 	})
 	n.Ctrd.WriteHostsToml(t, registryHost, upstream, n.Mirror.URL)
 	return n
