@@ -23,9 +23,11 @@ build:
 tools:
 	@hack/install-tools.sh
 
-## test: every test, against real containerd, registry and Caddy
+## test: every test, against real containerd, registry and Caddy; one package
+## at a time, so the multi-node tests face their own load, not another
+## package's build
 test: tools build chart
-	PEERMIRROR_CADDY=$(CADDY) $(GO) test -race -timeout $(TEST_TIMEOUT) ./...
+	PEERMIRROR_CADDY=$(CADDY) $(GO) test -race -p 1 -timeout $(TEST_TIMEOUT) ./...
 
 ## test-short: the unit tests only (no containerd, no root)
 test-short:

@@ -309,6 +309,8 @@ func TestMetricsAcrossReload(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("reload: %d %s", resp.StatusCode, body)
 	}
+	// the old config's server closes its idle connections as it stops
+	testenv.HTTPClient().CloseIdleConnections()
 	expectBlob(t, mirror, blob, img.Layers[0])
 	if got := metric(served); got != 3 {
 		t.Fatalf("after reload %s = %v, want 3", served, got)
