@@ -65,7 +65,9 @@ type peerFetcher struct {
 // peerSet is a set of peer IDs, safe for concurrent use.
 type peerSet struct {
 	mu  sync.RWMutex
-	ids map[string]time.Time
+	ids map[string]time.Time // when each was found out
+	// TODO: an excluded peer stays excluded until a reload; a peer that
+	// lied once because of a disk fault and was repaired is lost to this node.
 }
 
 func newPeerSet() *peerSet { return &peerSet{ids: map[string]time.Time{}} }

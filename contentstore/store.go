@@ -77,7 +77,9 @@ type Store struct {
 	contentDir atomic.Pointer[string] // "" while unknown or unreadable
 	connected  atomic.Bool
 
-	mu         sync.RWMutex
+	mu sync.RWMutex
+	// TODO: garbage collection deletes content without an event, so entries
+	// for collected digests stay until a restart; prune them on re-list.
 	mediaTypes map[digest.Digest]string // learnt from image records and parents
 	subs       map[*Subscription]struct{}
 
