@@ -174,7 +174,9 @@ func startPeer(t *testing.T, id string, b behaviour, blob []byte, mediaType stri
 func peerOnlyServer(t *testing.T, res peerResolver) (*httptest.Server, *peerFetcher) {
 	t.Helper()
 	logger := zaptest.NewLogger(t)
-	f := newPeerFetcher(res, 200*time.Millisecond, 50*time.Millisecond, 300*time.Millisecond, 3, logger)
+	// a hedge delay long enough that a healthy fake peer answers first even
+	// on a loaded machine; the faults under test take longer than that
+	f := newPeerFetcher(res, 200*time.Millisecond, 200*time.Millisecond, time.Second, 3, logger)
 	t.Cleanup(f.close)
 	app := &App{logger: logger, registries: map[string]bool{}}
 	app.fetcher.Store(f)
@@ -304,7 +306,9 @@ func TestPeerWrongLargeBlob(t *testing.T) {
 	d := digest.FromBytes(blob)
 	liar := startPeer(t, "liar", wrongBytes, blob, "application/octet-stream")
 	honest := startPeer(t, "honest", good, blob, "application/octet-stream")
-	res := &fakeResolver{peers: map[string][]peerCandidate{d.String(): {liar.candidate(), honest.candidate()}}}
+	// only the liar is found at first, so hedging cannot hand the first
+	// request to the honest peer
+	res := &fakeResolver{peers: map[string][]peerCandidate{d.String(): {liar.candidate()}}}
 	srv, f := peerOnlyServer(t, res)
 	url := srv.URL + "/v2/team/app/blobs/" + d.String()
 
@@ -324,7 +328,11 @@ func TestPeerWrongLargeBlob(t *testing.T) {
 		t.Fatal("the lying peer was not excluded")
 	}
 
-	// the retry, as containerd or the kubelet would make it
+	// the retry, as containerd or the kubelet would make it, with both
+	// peers advertising the blob
+	res.mu.Lock()
+	res.peers[d.String()] = []peerCandidate{liar.candidate(), honest.candidate()}
+	res.mu.Unlock()
 	resp, err = http.Get(url)
 	if err != nil {
 		t.Fatal(err)
