@@ -39,9 +39,17 @@ func (c *DHTConfig) routerConfig() dht.Config {
 	}
 }
 
-// poolKey identifies a router configuration.
+// poolKey identifies a libp2p node: what a running node cannot change
+// (addresses, identity, record lifetime, the mirror port peers cache). A
+// reload that keeps these keeps the node, its peers and the records it
+// stores, and applies the rest in place.
 func (c *DHTConfig) poolKey() string {
-	b, _ := json.Marshal(c)
+	b, _ := json.Marshal(struct {
+		Listen, Announce []string
+		KeyFile          string
+		RecordTTL        caddy.Duration
+		MirrorPort       int
+	}{c.Listen, c.Announce, c.KeyFile, c.RecordTTL, c.MirrorPort})
 	return string(b)
 }
 
@@ -96,6 +104,13 @@ func (a *App) startP2P() error {
 		return fmt.Errorf("starting libp2p node: %w", err)
 	}
 	r := val.(pooledRouter).Router
+	if loaded {
+		// the node of the config being replaced: apply this config's
+		// bootstrap sources and intervals to it
+		if err := r.Reconfigure(a.DHT.routerConfig()); err != nil {
+			a.logger.Warn("keeping the libp2p node's earlier settings", zap.Error(err))
+		}
+	}
 	a.router.Store(r)
 	a.fetcher.Store(newPeerFetcher(routerResolver{r}, time.Duration(a.ResolveTimeout), time.Duration(a.HedgeDelay),
 		time.Duration(a.PeerTimeout), a.MaxPeers, a.logger.Named("peers")))

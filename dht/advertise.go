@@ -179,7 +179,8 @@ func (r *Router) requeueAll() int {
 // package does) would send far fewer messages.
 func (r *Router) provideLoop(ctx context.Context) {
 	a := r.adv
-	reprovide := time.NewTicker(r.cfg.ReprovideInterval)
+	interval := r.conf().ReprovideInterval
+	reprovide := time.NewTicker(interval)
 	defer reprovide.Stop()
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
@@ -208,6 +209,11 @@ func (r *Router) provideLoop(ctx context.Context) {
 			case <-reprovide.C:
 				if n := r.requeueAll(); n > 0 {
 					r.logger.Debug("reproviding", zap.Int("keys", n))
+				}
+				// Reconfigure may have changed the interval
+				if now := r.conf().ReprovideInterval; now != interval {
+					interval = now
+					reprovide.Reset(interval)
 				}
 			case <-failed:
 				if !retryArmed {

@@ -40,10 +40,10 @@ const (
 // bootstrapLoop runs bootstrap rounds: quickly with backoff while the node
 // has no peer, every BootstrapInterval after, forever.
 func (r *Router) bootstrapLoop(ctx context.Context) {
-	if len(r.cfg.static)+len(r.cfg.dnsNames)+len(r.cfg.httpURLs) == 0 {
+	if len(r.conf().static)+len(r.conf().dnsNames)+len(r.conf().httpURLs) == 0 {
 		return
 	}
-	backoff := min(bootstrapBackoffMin, r.cfg.BootstrapInterval)
+	backoff := min(bootstrapBackoffMin, r.conf().BootstrapInterval)
 	aloneSince := time.Now()
 	lastWarn := time.Time{}
 	joined := false
@@ -72,8 +72,8 @@ func (r *Router) bootstrapLoop(ctx context.Context) {
 			}
 			joined = true
 			if r.hasPeers() {
-				backoff = min(bootstrapBackoffMin, r.cfg.BootstrapInterval)
-				timer.Reset(r.cfg.BootstrapInterval)
+				backoff = min(bootstrapBackoffMin, r.conf().BootstrapInterval)
+				timer.Reset(r.conf().BootstrapInterval)
 			} else {
 				// connected, but the routing table is still empty
 				// (identify in progress): look again soon
@@ -90,13 +90,13 @@ func (r *Router) bootstrapLoop(ctx context.Context) {
 				r.logger.Warn("no peer reachable through the bootstrap sources; "+
 					"this node serves only its own content",
 					zap.Duration("alone_for", time.Since(aloneSince).Round(time.Second)),
-					zap.Strings("static", r.cfg.BootstrapStatic),
-					zap.Strings("dns", r.cfg.dnsNames),
-					zap.Strings("http", r.cfg.httpURLs),
+					zap.Strings("static", r.conf().BootstrapStatic),
+					zap.Strings("dns", r.conf().dnsNames),
+					zap.Strings("http", r.conf().httpURLs),
 					zap.Errors("last_errors", errs))
 			}
 			timer.Reset(backoff)
-			backoff = min(2*backoff, r.cfg.BootstrapInterval)
+			backoff = min(2*backoff, r.conf().BootstrapInterval)
 		}
 	}
 }
@@ -141,12 +141,12 @@ func (r *Router) bootstrapRound(ctx context.Context, alone bool) (int, []error) 
 		errs = append(errs, err)
 		mu.Unlock()
 	}
-	for _, ai := range r.cfg.static {
+	for _, ai := range r.conf().static {
 		add(ai)
 	}
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, bootstrapDialConcurrency)
-	for _, u := range r.cfg.httpURLs {
+	for _, u := range r.conf().httpURLs {
 		wg.Go(func() {
 			sem <- struct{}{}
 			defer func() { <-sem }()
@@ -164,7 +164,7 @@ func (r *Router) bootstrapRound(ctx context.Context, alone bool) (int, []error) 
 		wg.Go(func() {
 			sem <- struct{}{}
 			defer func() { <-sem }()
-			hostPort := net.JoinHostPort(ip.String(), strconv.Itoa(r.cfg.BootstrapPeerPort))
+			hostPort := net.JoinHostPort(ip.String(), strconv.Itoa(r.conf().BootstrapPeerPort))
 			u := "http://" + hostPort + PeerListPath
 			pl, err := r.fetchPeerList(ctx, u)
 			if err != nil {
@@ -254,11 +254,11 @@ func (r *Router) pickPeers(pl PeerList, n int) []PeerInfo {
 // dnsTargets resolves the DNS bootstrap names and returns up to n of their
 // addresses, chosen at random, without this node's own.
 func (r *Router) dnsTargets(ctx context.Context, n int, fail func(error)) []netip.Addr {
-	if len(r.cfg.dnsNames) == 0 {
+	if len(r.conf().dnsNames) == 0 {
 		return nil
 	}
 	own := make(map[netip.Addr]bool)
-	if r.cfg.BootstrapPeerPort == r.cfg.MirrorPort {
+	if r.conf().BootstrapPeerPort == r.conf().MirrorPort {
 		for _, a := range r.host.Addrs() {
 			if ip, ok := ipOf(a); ok {
 				own[ip] = true
@@ -267,9 +267,9 @@ func (r *Router) dnsTargets(ctx context.Context, n int, fail func(error)) []neti
 	}
 	seen := make(map[netip.Addr]bool)
 	var ips []netip.Addr
-	for _, name := range r.cfg.dnsNames {
+	for _, name := range r.conf().dnsNames {
 		lctx, cancel := context.WithTimeout(ctx, defaultHTTPTimeout)
-		addrs, err := r.cfg.Resolver.LookupNetIP(lctx, "ip", name)
+		addrs, err := r.conf().Resolver.LookupNetIP(lctx, "ip", name)
 		cancel()
 		if err != nil {
 			fail(fmt.Errorf("resolving bootstrap name %s: %w", name, err))

@@ -56,10 +56,44 @@ type Peer struct {
 	MirrorURL string
 }
 
+// conf returns the configuration in force.
+func (r *Router) conf() *parsedConfig { return r.cfg.Load() }
+
+// ErrRestartNeeded is returned by Reconfigure for a change that only a new
+// Router can apply.
+var ErrRestartNeeded = errors.New("the change needs a new libp2p node")
+
+// Reconfigure applies cfg to a running or new Router without dropping its
+// host, its peers or the provider records it stores: bootstrap sources and
+// intervals and the reprovide interval. A change of the listen or announce
+// addresses, the key, the record lifetime or the mirror port (which peers
+// cache per connection) returns ErrRestartNeeded and changes nothing.
+func (r *Router) Reconfigure(cfg Config) error {
+	pc, err := parseConfig(cfg)
+	if err != nil {
+		return err
+	}
+	old := r.conf()
+	if !slices.Equal(old.ListenAddrs, pc.ListenAddrs) || !slices.Equal(old.AnnounceAddrs, pc.AnnounceAddrs) ||
+		old.KeyFile != pc.KeyFile || old.PrivateKey != pc.PrivateKey || old.RecordTTL != pc.RecordTTL ||
+		old.MirrorPort != pc.MirrorPort {
+		return ErrRestartNeeded
+	}
+	r.cfg.Store(pc)
+	r.logger.Info("applied new DHT settings",
+		zap.Int("mirror_port", pc.MirrorPort),
+		zap.Strings("bootstrap_static", pc.BootstrapStatic),
+		zap.Strings("bootstrap_dns", pc.BootstrapDNS),
+		zap.Strings("bootstrap_http", pc.BootstrapHTTP),
+		zap.Duration("reprovide_interval", pc.ReprovideInterval))
+	return nil
+}
+
 // Router is one node's libp2p host and DHT. New makes it, Start runs it,
 // Close stops it. All methods are safe for concurrent use.
 type Router struct {
-	cfg    *parsedConfig
+	// cfg is replaced whole by Reconfigure; read it through conf
+	cfg    atomic.Pointer[parsedConfig]
 	logger *zap.Logger
 	keyMu  sync.Mutex // guards key, which Start may replace
 	key    crypto.PrivKey
@@ -110,7 +144,6 @@ func New(cfg Config, logger *zap.Logger) (*Router, error) {
 		return nil, err
 	}
 	r := &Router{
-		cfg:    pc,
 		logger: logger,
 		ifaces: &interfaceCache{},
 		infos:  newInfoCache(),
@@ -118,6 +151,7 @@ func New(cfg Config, logger *zap.Logger) (*Router, error) {
 
 		aloneWarnAfter: max(defaultAloneWarnAfter, 3*pc.BootstrapInterval),
 	}
+	r.cfg.Store(pc)
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 
 	// identity
@@ -163,20 +197,20 @@ func (r *Router) Start() (err error) {
 	}()
 
 	// identity
-	if r.keyGenerated && r.cfg.KeyFile != "" {
-		key, err := writeKeyFileOnce(r.cfg.KeyFile, r.key)
+	if r.keyGenerated && r.conf().KeyFile != "" {
+		key, err := writeKeyFileOnce(r.conf().KeyFile, r.key)
 		if err != nil {
 			return fmt.Errorf("starting router: %w", err)
 		}
 		r.keyMu.Lock()
 		r.key = key
 		r.keyMu.Unlock()
-		r.logger.Info("created key file", zap.String("path", r.cfg.KeyFile))
+		r.logger.Info("created key file", zap.String("path", r.conf().KeyFile))
 	}
-	if r.cfg.KeyFile != "" {
-		if fi, err := os.Stat(r.cfg.KeyFile); err == nil && fi.Mode().Perm()&0o077 != 0 {
+	if r.conf().KeyFile != "" {
+		if fi, err := os.Stat(r.conf().KeyFile); err == nil && fi.Mode().Perm()&0o077 != 0 {
 			r.logger.Warn("key file is readable by others; the peer identity can be copied",
-				zap.String("path", r.cfg.KeyFile), zap.Stringer("mode", fi.Mode().Perm()))
+				zap.String("path", r.conf().KeyFile), zap.Stringer("mode", fi.Mode().Perm()))
 		}
 	}
 
@@ -225,9 +259,9 @@ func (r *Router) Start() (err error) {
 		// the record lifetime here is RecordTTL, enforced by each node on
 		// the records it stores.
 		kaddht.ProviderManagerOpts(
-			records.ProvideValidity(r.cfg.RecordTTL),
-			records.ProviderAddrTTL(r.cfg.RecordTTL),
-			records.CleanupInterval(r.cfg.RecordTTL),
+			records.ProvideValidity(r.conf().RecordTTL),
+			records.ProviderAddrTTL(r.conf().RecordTTL),
+			records.CleanupInterval(r.conf().RecordTTL),
 		),
 	)
 	if err != nil {
@@ -235,7 +269,7 @@ func (r *Router) Start() (err error) {
 	}
 
 	// listen, now that every protocol is in place
-	if err := h.Network().Listen(r.cfg.listenAddrs...); err != nil {
+	if err := h.Network().Listen(r.conf().listenAddrs...); err != nil {
 		return fmt.Errorf("starting libp2p host: %w", err)
 	}
 
@@ -250,15 +284,15 @@ func (r *Router) Start() (err error) {
 		zap.Stringer("peer_id", h.ID()),
 		zap.Stringers("addrs", addrs),
 		zap.Stringers("listen", h.Network().ListenAddresses()),
-		zap.Int("mirror_port", r.cfg.MirrorPort),
-		zap.Duration("record_ttl", r.cfg.RecordTTL),
-		zap.Duration("reprovide_interval", r.cfg.ReprovideInterval))
+		zap.Int("mirror_port", r.conf().MirrorPort),
+		zap.Duration("record_ttl", r.conf().RecordTTL),
+		zap.Duration("reprovide_interval", r.conf().ReprovideInterval))
 	if len(addrs) == 0 {
 		r.logger.Warn("no address to announce: peers reach this node only over "+
 			"connections it opens; set announce addresses",
 			zap.Stringers("listen", h.Network().ListenAddresses()))
 	}
-	for _, ip := range r.cfg.announceIPs {
+	for _, ip := range r.conf().announceIPs {
 		announced := slices.ContainsFunc(addrs, func(a ma.Multiaddr) bool {
 			got, ok := ipOf(a)
 			return ok && got == ip
@@ -268,7 +302,7 @@ func (r *Router) Start() (err error) {
 				zap.Stringer("announce", ip))
 		}
 	}
-	if len(r.cfg.static)+len(r.cfg.dnsNames)+len(r.cfg.httpURLs) == 0 {
+	if len(r.conf().static)+len(r.conf().dnsNames)+len(r.conf().httpURLs) == 0 {
 		r.logger.Info("no bootstrap source configured; waiting for peers to connect")
 	}
 	return nil
@@ -313,8 +347,8 @@ func (r *Router) stopLocked() error {
 			errs = append(errs, fmt.Errorf("closing libp2p host: %w", err))
 		}
 	}
-	if r.cfg.ownHTTPClient {
-		r.cfg.HTTPClient.CloseIdleConnections()
+	if r.conf().ownHTTPClient {
+		r.conf().HTTPClient.CloseIdleConnections()
 	}
 	return errors.Join(errs...)
 }
@@ -374,9 +408,9 @@ func (r *Router) announce(hostAddrs []ma.Multiaddr) []ma.Multiaddr {
 		r.logger.Debug("listing network interfaces", zap.Error(err))
 	}
 	return announcedAddrs(hostAddrs, announceRules{
-		keepLoopback: r.cfg.keepLoopback,
-		ips:          r.cfg.announceIPs,
-		full:         r.cfg.announceFull,
+		keepLoopback: r.conf().keepLoopback,
+		ips:          r.conf().announceIPs,
+		full:         r.conf().announceFull,
 	}, ifaces)
 }
 
@@ -407,7 +441,7 @@ func (r *Router) Addrs() []ma.Multiaddr {
 
 // Self returns this node as listed first in its PeerList.
 func (r *Router) Self() PeerInfo {
-	return PeerInfo{ID: r.ID(), Addrs: r.Addrs(), MirrorPort: r.cfg.MirrorPort}
+	return PeerInfo{ID: r.ID(), Addrs: r.Addrs(), MirrorPort: r.conf().MirrorPort}
 }
 
 // Peers returns the connected peers whose mirror URL is known, sorted by
@@ -467,5 +501,5 @@ func (r *Router) httpGet(ctx context.Context, url string) (*http.Response, error
 	}
 	req.Header.Set("Accept", "application/json")
 	req.Header.Set("User-Agent", userAgent)
-	return r.cfg.HTTPClient.Do(req)
+	return r.conf().HTTPClient.Do(req)
 }

@@ -24,7 +24,7 @@ import (
 const testKey = "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
 
 func mirrorURLOf(r *Router) string {
-	return "http://127.0.0.1:" + strconv.Itoa(r.cfg.MirrorPort)
+	return "http://127.0.0.1:" + strconv.Itoa(r.conf().MirrorPort)
 }
 
 // startCluster starts n routers on 127.0.0.1; all but the first bootstrap
@@ -123,7 +123,7 @@ func TestPeersAndPeerList(t *testing.T) {
 		t.Fatalf("peer list = %+v, want version 1 and 3 peers", pl)
 	}
 	self := pl.Peers[0]
-	if self.ID != hub.ID() || self.MirrorPort != hub.cfg.MirrorPort || len(self.Addrs) == 0 {
+	if self.ID != hub.ID() || self.MirrorPort != hub.conf().MirrorPort || len(self.Addrs) == 0 {
 		t.Errorf("first entry = %+v, want the hub with its port and addresses", self)
 	}
 	for _, p := range pl.Peers[1:] {
@@ -343,7 +343,7 @@ func TestIPv6MirrorURL(t *testing.T) {
 
 	a.Advertise(testKey)
 	got := waitResolves(t, b, testKey, a)
-	want := "http://[::1]:" + strconv.Itoa(a.cfg.MirrorPort)
+	want := "http://[::1]:" + strconv.Itoa(a.conf().MirrorPort)
 	if got[0].MirrorURL != want {
 		t.Errorf("mirror URL %q, want %q", got[0].MirrorURL, want)
 	}
@@ -464,7 +464,7 @@ func TestNewValidates(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	c := r.cfg
+	c := r.conf()
 	if c.RecordTTL != 10*time.Minute || c.ReprovideInterval != c.RecordTTL/3 ||
 		c.BootstrapInterval != 30*time.Second || c.BootstrapPeerPort != 30020 ||
 		len(c.listenAddrs) != 2 || c.keepLoopback || r.ID() == "" {

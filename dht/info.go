@@ -80,7 +80,7 @@ func decodeInfo(r io.Reader) (infoDoc, error) {
 func (r *Router) handleInfoStream(s network.Stream) {
 	defer s.Close()
 	_ = s.SetDeadline(time.Now().Add(infoTimeout))
-	err := json.NewEncoder(s).Encode(infoDoc{Version: InfoVersion, MirrorPort: r.cfg.MirrorPort})
+	err := json.NewEncoder(s).Encode(infoDoc{Version: InfoVersion, MirrorPort: r.conf().MirrorPort})
 	if err != nil {
 		_ = s.Reset()
 		r.logger.Debug("answering info request",

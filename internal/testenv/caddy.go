@@ -216,3 +216,29 @@ func WriteFile(t T, name, data string) string {
 	}
 	return path
 }
+
+// Caddyfile returns the Caddyfile Caddy was started with, or last loaded.
+func (c *Caddy) Caddyfile() string { return c.caddyfile }
+
+// Reload loads caddyfile through the admin API, as `caddy reload` does,
+// and fails the test unless Caddy accepts it. Idle connections of the
+// harness client are dropped: the old config's server closes them.
+func (c *Caddy) Reload(t T, caddyfile string) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, "http://"+c.AdminAddr+"/load", strings.NewReader(caddyfile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "text/caddyfile")
+	resp, err := loopbackClient.Do(req)
+	if err != nil {
+		t.Fatalf("testenv: reloading caddy: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("testenv: reloading caddy: %d %s", resp.StatusCode, body)
+	}
+	c.caddyfile = caddyfile
+	loopbackClient.CloseIdleConnections()
+}
