@@ -148,7 +148,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		Namespace:  cc.Namespace,
 		ContentDir: cc.ContentDir,
 	}
-	a.storeCfg = contentstore.New(a.storeCfg, nil).Config() // fill defaults
+	a.storeCfg = a.storeCfg.WithDefaults()
 	a.poolKey = strings.Join([]string{a.storeCfg.Address, a.storeCfg.Namespace, a.storeCfg.ContentDir}, "\x00")
 
 	a.registries = make(map[string]bool, len(a.Registries))

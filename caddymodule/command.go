@@ -28,8 +28,9 @@ const (
 
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
-		Name:  configureCommand,
-		Usage: "--registry <host|_default>... [--mirror <target>]... [--certs-dir <dir>] [--host-root <dir>] [--keep-existing]",
+		Name: configureCommand,
+		Usage: "--registry <host|_default>... [--mirror <target>]... [--certs-dir " +
+			"<dir>] [--host-root <dir>] [--keep-existing]",
 		Short: "Puts the peermirror mirror in front of containerd's registries (hosts.toml)",
 		Long: `
 Writes <certs-dir>/<registry>/hosts.toml for each --registry (or _default,
@@ -51,18 +52,36 @@ mounted when the command runs in a container (the Helm chart uses /host).
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			f := cmd.Flags()
-			f.String("certs-dir", "/etc/containerd/certs.d", "containerd's registry hosts folder (config_path), as the node sees it")
-			f.String("host-root", "", "where the node's root folder is mounted in this container (empty: this is the node)")
-			f.StringSlice("registry", nil, "registry to mirror, by host name (docker.io, ghcr.io) or _default for all; repeatable")
-			f.StringSlice("mirror", []string{"http://127.0.0.1:30020"}, "mirror target (URL, host:port or IP; IPv6 allowed), tried in order; repeatable")
-			f.StringSlice("upstream", nil, "registry=URL: the server written for that registry instead of its default; repeatable")
+			f.String("certs-dir", "/etc/containerd/certs.d",
+				"containerd's registry hosts folder (config_path), as the node sees it")
+			f.String("host-root", "",
+				"where the node's root folder is mounted in this container (empty: "+
+					"this is the node)")
+			f.StringSlice("registry", nil,
+				"registry to mirror, by host name (docker.io, ghcr.io) or _default for "+
+					"all; repeatable")
+			f.StringSlice("mirror", []string{"http://127.0.0.1:30020"},
+				"mirror target (URL, host:port or IP; IPv6 allowed), tried in order; "+
+					"repeatable")
+			f.StringSlice("upstream", nil,
+				"registry=URL: the server written for that registry instead of its "+
+					"default; repeatable")
 			f.Bool("no-resolve", false, "give the mirror the pull capability only: tags are resolved at the registry")
 			f.Duration("dial-timeout", hoststoml.DefaultDialTimeout, "dial_timeout of each mirror host; 0 writes none")
-			f.Bool("keep-existing", false, "keep the hosts containerd used before (the original hosts.toml, or _default's) after the mirror")
-			f.String("containerd-config", "/etc/containerd/config.toml", "containerd's config file, as the node sees it; empty skips the check")
-			f.String("containerd-address", "/run/containerd/containerd.sock", "containerd's socket, to learn its version for the check; empty skips it")
-			f.Bool("fail-on-error", false, "exit with status 1 when the check finds an error (the files are written all the same)")
-			f.String("termination-log", "", "also write the summary here (Kubernetes: /dev/termination-log, shown by kubectl describe pod)")
+			f.Bool("keep-existing", false,
+				"keep the hosts containerd used before (the original hosts.toml, or "+
+					"_default's) after the mirror")
+			f.String("containerd-config", "/etc/containerd/config.toml",
+				"containerd's config file, as the node sees it; empty skips the check")
+			f.String("containerd-address", "/run/containerd/containerd.sock",
+				"containerd's socket, to learn its version for the check; empty skips "+
+					"it")
+			f.Bool("fail-on-error", false,
+				"exit with status 1 when the check finds an error (the files are "+
+					"written all the same)")
+			f.String("termination-log", "",
+				"also write the summary here (Kubernetes: /dev/termination-log, shown "+
+					"by kubectl describe pod)")
 			cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 				return runConfigure(cmd.Context(), cmd, cmd.OutOrStdout(), cmd.ErrOrStderr())
 			}
@@ -83,15 +102,18 @@ hosts.toml.peermirror-replaced.
 		CobraFunc: func(cmd *cobra.Command) {
 			f := cmd.Flags()
 			f.String("certs-dir", "/etc/containerd/certs.d", "containerd's registry hosts folder, as the node sees it")
-			f.String("host-root", "", "where the node's root folder is mounted in this container (empty: this is the node)")
+			f.String("host-root", "",
+				"where the node's root folder is mounted in this container (empty: "+
+					"this is the node)")
 			cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 				return runCleanup(cmd, cmd.OutOrStdout())
 			}
 		},
 	})
 	caddycmd.RegisterCommand(caddycmd.Command{
-		Name:  uninstallCommand,
-		Usage: "--daemonset <name> [--namespace <ns>] [--init-container <name>] [--timeout <d>] -- peermirror-cleanup <flags>...",
+		Name: uninstallCommand,
+		Usage: "--daemonset <name> [--namespace <ns>] [--init-container <name>] " +
+			"[--timeout <d>] -- peermirror-cleanup <flags>...",
 		Short: "Helm pre-delete hook: restores every node's hosts.toml before the chart goes",
 		Long: `
 Runs in the Helm chart's pre-delete Job, inside the cluster. It changes the
@@ -109,7 +131,9 @@ It needs get and update on the DaemonSet and list on pods in its namespace.
 			f.String("daemonset", "", "the peermirror DaemonSet's name")
 			f.String("namespace", "", "its namespace (default: the pod's own)")
 			f.String("init-container", "configure-containerd", "the init container that configures the node")
-			f.Duration("timeout", 4*time.Minute, "how long to wait for every node; keep it under helm's --timeout (5m by default)")
+			f.Duration("timeout", 4*time.Minute,
+				"how long to wait for every node; keep it under helm's --timeout (5m "+
+					"by default)")
 			cmd.RunE = func(cmd *cobra.Command, args []string) error {
 				return runUninstall(cmd, args, cmd.OutOrStdout())
 			}
@@ -292,7 +316,9 @@ func printFindings(w io.Writer, findings []hoststoml.Finding) int {
 	}
 	if errs > 0 {
 		fmt.Fprintln(w, strings.Repeat("!", 72))
-		fmt.Fprintf(w, "!! containerd on this node will not use the peermirror mirror as configured (%d errors)\n", errs)
+		fmt.Fprintf(w,
+			"!! containerd on this node will not use the peermirror mirror as "+
+				"configured (%d errors)\n", errs)
 		fmt.Fprintln(w, strings.Repeat("!", 72))
 	}
 	for _, f := range findings {

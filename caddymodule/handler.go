@@ -293,7 +293,7 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, store *conte
 		return nil
 	}
 
-	c, err := store.Open(ctx, req.digest)
+	c, err := store.OpenDescriptor(ctx, desc)
 	if err != nil {
 		return err
 	}

@@ -26,8 +26,8 @@ var relayed = []string{"Content-Type", "Content-Length", "Content-Range", "Docke
 
 // peerPath is the path and query asked of a peer for req.
 func peerPath(req ociRequest) string {
-	p := "/v2/" + req.name + "/" + map[kind]string{kindManifest: "manifests", kindBlob: "blobs"}[req.kind] +
-		"/" + req.reference()
+	// the path segments are the kinds' names in the plural
+	p := "/v2/" + req.name + "/" + req.kind.String() + "s/" + req.reference()
 	if req.registry != "" {
 		p += "?ns=" + req.registry
 	}

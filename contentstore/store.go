@@ -53,6 +53,20 @@ type Config struct {
 	CallTimeout time.Duration
 }
 
+// WithDefaults returns c with its empty fields set to their defaults.
+func (c Config) WithDefaults() Config {
+	if c.Address == "" {
+		c.Address = DefaultAddress
+	}
+	if c.Namespace == "" {
+		c.Namespace = DefaultNamespace
+	}
+	if c.CallTimeout <= 0 {
+		c.CallTimeout = 5 * time.Second
+	}
+	return c
+}
+
 // Image is an image record that containerd holds under a fully qualified
 // name.
 type Image struct {
@@ -89,15 +103,7 @@ type Store struct {
 
 // New returns a Store for cfg. It does not contact containerd.
 func New(cfg Config, logger *zap.Logger) *Store {
-	if cfg.Address == "" {
-		cfg.Address = DefaultAddress
-	}
-	if cfg.Namespace == "" {
-		cfg.Namespace = DefaultNamespace
-	}
-	if cfg.CallTimeout <= 0 {
-		cfg.CallTimeout = 5 * time.Second
-	}
+	cfg = cfg.WithDefaults()
 	if logger == nil {
 		logger = zap.NewNop()
 	}
@@ -322,6 +328,16 @@ func (s *Store) Open(ctx context.Context, dgst digest.Digest) (*Content, error) 
 	desc, err := s.Descriptor(ctx, dgst)
 	if err != nil {
 		return nil, err
+	}
+	return s.OpenDescriptor(ctx, desc)
+}
+
+// OpenDescriptor is Open for a descriptor that Descriptor returned, which
+// saves asking containerd about the digest a second time.
+func (s *Store) OpenDescriptor(ctx context.Context, desc ocispec.Descriptor) (*Content, error) {
+	dgst := desc.Digest
+	if err := dgst.Validate(); err != nil {
+		return nil, fmt.Errorf("invalid digest %q: %w", dgst, err)
 	}
 
 	// fast path: the blob file itself; dgst was validated, so the path

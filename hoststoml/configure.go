@@ -379,7 +379,9 @@ func configureRegistry(opts Options, reg string, mirrors []mirrorHost, createdCe
 		}
 		if len(certs) > 0 && !hasKey(top, "ca") && !hasKey(top, "client") {
 			top = append(top, certs...)
-			ch.Notes = append(ch.Notes, "the folder's certificate files are named in hosts.toml so the registry keeps using them")
+			ch.Notes = append(ch.Notes,
+				"the folder's certificate files are named in hosts.toml so the "+
+					"registry keeps using them")
 		}
 	}
 	content, err := render(server, top, mirrors, kept)
@@ -398,7 +400,9 @@ func configureRegistry(opts Options, reg string, mirrors []mirrorHost, createdCe
 		ch.Action = ActionUnchanged
 	} else {
 		if err == nil && st.Written != "" && digest(cur) != st.Written {
-			ch.Notes = append(ch.Notes, "hosts.toml had been changed since peermirror wrote it; the change is overwritten (the original backup is untouched)")
+			ch.Notes = append(ch.Notes,
+				"hosts.toml had been changed since peermirror wrote it; the change is "+
+					"overwritten (the original backup is untouched)")
 		}
 		mode := fs.FileMode(0o644)
 		if st.Original.Present && st.Original.Mode != 0 {
@@ -603,7 +607,9 @@ func restoreFolder(certsDir, name string) (Change, error) {
 		if err := writeFileAtomic(filepath.Join(dir, replacedFileName), cur, 0o600); err != nil {
 			return ch, fmt.Errorf("keeping the changed hosts.toml: %w", err)
 		}
-		ch.Notes = append(ch.Notes, "hosts.toml had been changed since peermirror wrote it; that version is kept as "+replacedFileName)
+		ch.Notes = append(ch.Notes,
+			"hosts.toml had been changed since peermirror wrote it; that version "+
+				"is kept as "+replacedFileName)
 	}
 
 	if st.Original.Present {
@@ -695,7 +701,9 @@ func readBackup(dir string, st *state) ([]byte, error) {
 		return nil, fmt.Errorf("reading the backup of the original hosts.toml: %w", err)
 	}
 	if digest(b) != st.Original.SHA256 {
-		return nil, fmt.Errorf("reading the backup of the original hosts.toml: %s does not match its recorded digest", backupFileName)
+		return nil, fmt.Errorf(
+			"reading the backup of the original hosts.toml: %s does not match its "+
+				"recorded digest", backupFileName)
 	}
 	return b, nil
 }

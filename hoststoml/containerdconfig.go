@@ -134,7 +134,9 @@ func CheckContainerdConfig(o CheckOptions) ([]Finding, error) {
 	}
 
 	if major, ok := majorVersion(o.ContainerdVersion); ok && major != 2 {
-		add(SeverityWarning, "", "containerd %s was found; these checks follow containerd %s's code and may not hold for it", o.ContainerdVersion, checkedContainerd)
+		add(SeverityWarning, "",
+			"containerd %s was found; these checks follow containerd %s's code and "+
+				"may not hold for it", o.ContainerdVersion, checkedContainerd)
 	}
 	cfg, err := loadContainerdConfig(o.HostRoot, o.ConfigFile)
 	if err != nil {
@@ -142,10 +144,14 @@ func CheckContainerdConfig(o CheckOptions) ([]Finding, error) {
 	}
 	out = append(out, cfg.findings...)
 	if cfg.version > maxConfigVersion {
-		add(SeverityError, "version", "config version %d is newer than containerd %s knows (%d): that containerd refuses to start with it", cfg.version, checkedContainerd, maxConfigVersion)
+		add(SeverityError, "version",
+			"config version %d is newer than containerd %s knows (%d): that "+
+				"containerd refuses to start with it", cfg.version, checkedContainerd, maxConfigVersion)
 	}
 	if cfg.isDisabled(imagesPlugin) || cfg.isDisabled(grpcCRIPlugin) {
-		add(SeverityWarning, "disabled_plugins", "the CRI plugin is disabled: the kubelet cannot pull through this containerd at all")
+		add(SeverityWarning, "disabled_plugins",
+			"the CRI plugin is disabled: the kubelet cannot pull through this "+
+				"containerd at all")
 	}
 	img := cfg.images()
 	certsDir := filepath.Clean(o.CertsDir)
@@ -158,22 +164,36 @@ func CheckContainerdConfig(o CheckOptions) ([]Finding, error) {
 	switch {
 	case len(img.mirrors) > 0 && img.configPath != "":
 		// internal/cri/config/config.go, ValidateImageConfig
-		add(SeverityError, mirrors, "set together with config_path: containerd's CRI image service refuses to start (\"`mirrors` cannot be set when `config_path` is provided\"). Remove the mirrors (%s) and put them into hosts.toml files", strings.Join(img.mirrors, ", "))
+		add(SeverityError, mirrors,
+			"set together with config_path: containerd's CRI image service refuses "+
+				"to start (\"`mirrors` cannot be set when `config_path` is "+
+				"provided\"). Remove the mirrors (%s) and put them into hosts.toml "+
+				"files", strings.Join(img.mirrors, ", "))
 	case len(img.mirrors) > 0:
 		// plugins/cri/images/plugin.go applies no default config_path when
 		// mirrors are set; image_pull.go then builds hosts from mirrors
-		add(SeverityError, mirrors, "set (%s) and config_path is not: CRI pulls use these mirrors and never read hosts.toml. Remove the mirrors and set config_path = %q", strings.Join(img.mirrors, ", "), certsDir)
+		add(SeverityError, mirrors,
+			"set (%s) and config_path is not: CRI pulls use these mirrors and "+
+				"never read hosts.toml. Remove the mirrors and set config_path = %q", strings.Join(img.mirrors, ", "), certsDir)
 	case img.configPath == "":
 		roots := filepath.SplitList(defaultConfigPath)
 		if img.localPullReason == "" {
 			// image_pull.go, pullImageWithTransferService:
 			// registry.WithHostDir(ConfigPath) -> config.HostDirFromRoot,
 			// which takes the whole string as one folder
-			add(SeverityError, cp, "not set. containerd then uses %q, which the transfer service (the default way CRI pulls) takes as a single folder that does not exist, so every hosts.toml is ignored. Set config_path = %q", defaultConfigPath, certsDir)
+			add(SeverityError, cp,
+				"not set. containerd then uses %q, which the transfer service (the "+
+					"default way CRI pulls) takes as a single folder that does not exist, "+
+					"so every hosts.toml is ignored. Set config_path = %q", defaultConfigPath, certsDir)
 		} else if !slices.Contains(roots, certsDir) {
-			add(SeverityError, cp, "not set: containerd reads hosts.toml from %s, not from %s. Set config_path = %q", strings.Join(roots, " and "), certsDir, certsDir)
+			add(SeverityError, cp,
+				"not set: containerd reads hosts.toml from %s, not from %s. Set "+
+					"config_path = %q", strings.Join(roots, " and "), certsDir, certsDir)
 		} else {
-			add(SeverityWarning, cp, "not set: containerd's default %q is read only because CRI pulls with the local client (%s); with the transfer service every hosts.toml would be ignored. Set config_path = %q", defaultConfigPath, img.localPullReason, certsDir)
+			add(SeverityWarning, cp,
+				"not set: containerd's default %q is read only because CRI pulls with "+
+					"the local client (%s); with the transfer service every hosts.toml "+
+					"would be ignored. Set config_path = %q", defaultConfigPath, img.localPullReason, certsDir)
 		}
 	default:
 		roots := filepath.SplitList(img.configPath)
@@ -182,31 +202,49 @@ func CheckContainerdConfig(o CheckOptions) ([]Finding, error) {
 		}
 		switch {
 		case len(roots) > 1 && img.localPullReason == "":
-			add(SeverityError, cp, "%q lists several folders, but the transfer service (the default way CRI pulls) takes the whole value as one folder, so every hosts.toml is ignored. Set config_path = %q", img.configPath, certsDir)
+			add(SeverityError, cp,
+				"%q lists several folders, but the transfer service (the default way "+
+					"CRI pulls) takes the whole value as one folder, so every hosts.toml "+
+					"is ignored. Set config_path = %q", img.configPath, certsDir)
 		case !slices.Contains(roots, certsDir):
-			add(SeverityError, cp, "is %q: containerd reads hosts.toml from there, not from %s. Point config_path and peermirror at the same folder", img.configPath, certsDir)
+			add(SeverityError, cp,
+				"is %q: containerd reads hosts.toml from there, not from %s. Point "+
+					"config_path and peermirror at the same folder", img.configPath, certsDir)
 		case roots[0] != certsDir:
-			add(SeverityWarning, cp, "is %q: a registry folder in an earlier entry hides the one peermirror writes in %s", img.configPath, certsDir)
+			add(SeverityWarning, cp,
+				"is %q: a registry folder in an earlier entry hides the one peermirror "+
+					"writes in %s", img.configPath, certsDir)
 		}
 	}
 
 	// content the mirror serves
 	if img.discardUnpackedLayers {
-		add(SeverityError, `plugins."io.containerd.cri.v1.images".discard_unpacked_layers`, "true: containerd deletes each layer from its content store once it is unpacked, so this node cannot serve the layers it pulls to its peers. Set it to false")
+		add(SeverityError, `plugins."io.containerd.cri.v1.images".discard_unpacked_layers`,
+			"true: containerd deletes each layer from its content store once it is "+
+				"unpacked, so this node cannot serve the layers it pulls to its peers. "+
+				"Set it to false")
 	}
 
 	// deprecated registry settings
 	if len(img.configs) > 0 {
-		add(SeverityWarning, `plugins."io.containerd.cri.v1.images".registry.configs`, "set (%s): deprecated since containerd 2.0, and it switches CRI to the local pull. Its auth entries still supply credentials; move TLS settings into hosts.toml (ca, client, skip_verify)", strings.Join(img.configs, ", "))
+		add(SeverityWarning, `plugins."io.containerd.cri.v1.images".registry.configs`,
+			"set (%s): deprecated since containerd 2.0, and it switches CRI to the "+
+				"local pull. Its auth entries still supply credentials; move TLS "+
+				"settings into hosts.toml (ca, client, skip_verify)", strings.Join(img.configs, ", "))
 	}
 	if len(img.auths) > 0 {
-		add(SeverityWarning, `plugins."io.containerd.cri.v1.images".registry.auths`, "set (%s): deprecated since containerd 2.0 (use image pull secrets), and it switches CRI to the local pull", strings.Join(img.auths, ", "))
+		add(SeverityWarning, `plugins."io.containerd.cri.v1.images".registry.auths`,
+			"set (%s): deprecated since containerd 2.0 (use image pull secrets), "+
+				"and it switches CRI to the local pull", strings.Join(img.auths, ", "))
 	}
 	switch {
 	case img.useLocalImagePull:
-		add(SeverityInfo, `plugins."io.containerd.cri.v1.images".use_local_image_pull`, "true: CRI pulls with the local client instead of the transfer service")
+		add(SeverityInfo, `plugins."io.containerd.cri.v1.images".use_local_image_pull`,
+			"true: CRI pulls with the local client instead of the transfer service")
 	case img.localPullReason != "":
-		add(SeverityInfo, "", "CRI pulls with the local client instead of the transfer service, because %s is set", img.localPullReason)
+		add(SeverityInfo, "",
+			"CRI pulls with the local client instead of the transfer service, "+
+				"because %s is set", img.localPullReason)
 	}
 	return out, nil
 }
@@ -247,11 +285,14 @@ func loadContainerdConfig(hostRoot, path string) (*containerdConfig, error) {
 		b, err := os.ReadFile(onHost(hostRoot, p))
 		if errors.Is(err, fs.ErrNotExist) {
 			if p == path {
-				c.findings = append(c.findings, Finding{Severity: SeverityInfo, Message: fmt.Sprintf("no config file at %s: containerd runs on its defaults", p)})
+				c.findings = append(c.findings, Finding{Severity: SeverityInfo,
+					Message: fmt.Sprintf("no config file at %s: containerd runs on its defaults", p)})
 				c.version = maxConfigVersion
 			} else {
 				c.findings = append(c.findings, Finding{Severity: SeverityWarning, Setting: "imports",
-					Message: fmt.Sprintf("%s is imported but cannot be read from here (not mounted?): its settings were not checked", p)})
+					Message: fmt.Sprintf(
+						"%s is imported but cannot be read from here (not mounted?): its "+
+							"settings were not checked", p)})
 			}
 			continue
 		} else if err != nil {
@@ -288,7 +329,9 @@ func loadContainerdConfig(hostRoot, path string) (*containerdConfig, error) {
 			if _, ok := src["registry"]; ok {
 				c.findings = append(c.findings, Finding{Severity: SeverityWarning,
 					Setting: `plugins."io.containerd.grpc.v1.cri".registry`,
-					Message: fmt.Sprintf("in %s (a version %d config) this table is ignored; it belongs under plugins.%q", p, version, imagesPlugin)})
+					Message: fmt.Sprintf(
+						"in %s (a version %d config) this table is ignored; it belongs under "+
+							"plugins.%q", p, version, imagesPlugin)})
 			}
 		}
 		mergeMaps(c.plugins, plugins)

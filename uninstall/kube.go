@@ -40,7 +40,9 @@ type Client struct {
 func InClusterClient() (*Client, string, error) {
 	host, port := os.Getenv("KUBERNETES_SERVICE_HOST"), os.Getenv("KUBERNETES_SERVICE_PORT")
 	if host == "" || port == "" {
-		return nil, "", errors.New("finding the API server: KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set (not running in a pod?)")
+		return nil, "", errors.New(
+			"finding the API server: KUBERNETES_SERVICE_HOST and " +
+				"KUBERNETES_SERVICE_PORT are not set (not running in a pod?)")
 	}
 	token, err := os.ReadFile(filepath.Join(serviceAccountDir, "token"))
 	if err != nil {

@@ -66,8 +66,11 @@ type Result struct {
 // node has run the cleanup. A DaemonSet that is already gone is not an
 // error: there is nothing left to clean with.
 func Run(ctx context.Context, cfg Config) (Result, error) {
-	if cfg.Client == nil || cfg.Namespace == "" || cfg.DaemonSet == "" || cfg.InitContainer == "" || len(cfg.CleanupArgs) == 0 {
-		return Result{}, errors.New("uninstall: client, namespace, daemonset, init container and cleanup args are required")
+	if cfg.Client == nil || cfg.Namespace == "" || cfg.DaemonSet == "" || cfg.InitContainer == "" ||
+		len(cfg.CleanupArgs) == 0 {
+		return Result{}, errors.New(
+			"uninstall: client, namespace, daemonset, init container and cleanup " +
+				"args are required")
 	}
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 4 * time.Minute
@@ -81,7 +84,8 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
 
-	dsPath := fmt.Sprintf("/apis/apps/v1/namespaces/%s/daemonsets/%s", url.PathEscape(cfg.Namespace), url.PathEscape(cfg.DaemonSet))
+	dsPath := fmt.Sprintf("/apis/apps/v1/namespaces/%s/daemonsets/%s",
+		url.PathEscape(cfg.Namespace), url.PathEscape(cfg.DaemonSet))
 	ds, err := switchToCleanup(ctx, cfg, dsPath)
 	if isStatus(err, 404) {
 		fmt.Fprintf(cfg.Log, "daemonset %s/%s is gone: nothing to clean up with\n", cfg.Namespace, cfg.DaemonSet)
@@ -131,7 +135,9 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 			if !seen {
 				return last, fmt.Errorf("waiting for the cleanup of every node: %w (last error: %v)", ctx.Err(), lastErr)
 			}
-			return last, fmt.Errorf("waiting for the cleanup of every node: %d of %d nodes done after %s; still waiting for %s",
+			return last, fmt.Errorf(
+				"waiting for the cleanup of every node: %d of %d nodes done after %s; "+
+					"still waiting for %s",
 				len(last.Cleaned), last.Desired, cfg.Timeout, describePending(last))
 		case <-time.After(cfg.PollInterval):
 		}
@@ -169,7 +175,9 @@ func switchToCleanup(ctx context.Context, cfg Config, dsPath string) (map[string
 		if err != nil {
 			return nil, fmt.Errorf("updating daemonset: %w", err)
 		}
-		fmt.Fprintf(cfg.Log, "daemonset %s/%s switched to cleanup form: every pod is replaced by one that restores its node\n", cfg.Namespace, cfg.DaemonSet)
+		fmt.Fprintf(cfg.Log,
+			"daemonset %s/%s switched to cleanup form: every pod is replaced by "+
+				"one that restores its node\n", cfg.Namespace, cfg.DaemonSet)
 		return stored, nil
 	}
 }
@@ -206,7 +214,10 @@ func toCleanupForm(ds map[string]any, initContainer string, args []string) (bool
 	}
 
 	strategy := ensureMap(ds, "spec")["updateStrategy"]
-	want := map[string]any{"type": "RollingUpdate", "rollingUpdate": map[string]any{"maxUnavailable": "100%", "maxSurge": 0}}
+	want := map[string]any{
+		"type":          "RollingUpdate",
+		"rollingUpdate": map[string]any{"maxUnavailable": "100%", "maxSurge": 0},
+	}
 	if s, ok := strategy.(map[string]any); !ok || s["type"] != "RollingUpdate" ||
 		lookup(s, "rollingUpdate", "maxUnavailable") != "100%" || !isZero(lookup(s, "rollingUpdate", "maxSurge")) {
 		ensureMap(ds, "spec")["updateStrategy"] = want
@@ -306,7 +317,8 @@ func initSucceeded(pod map[string]any, initContainer string) (bool, string) {
 			if number(term["exitCode"]) == 0 {
 				return true, ""
 			}
-			return false, fmt.Sprintf("cleanup exited %v (kubectl logs -c %s %s)", term["exitCode"], initContainer, lookup(pod, "metadata", "name"))
+			return false, fmt.Sprintf("cleanup exited %v (kubectl logs -c %s %s)",
+				term["exitCode"], initContainer, lookup(pod, "metadata", "name"))
 		}
 		if w, ok := lookup(m, "state", "waiting").(map[string]any); ok {
 			return false, fmt.Sprintf("cleanup waiting (%v)", w["reason"])

@@ -185,7 +185,8 @@ func (r *Registry) WaitForRequest(t T, request string) {
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("testenv: registry did not log %q in %s; requests:\n%s", request, hangTimeout, strings.Join(r.Requests(), "\n"))
+			t.Fatalf("testenv: registry did not log %q in %s; requests:\n%s",
+				request, hangTimeout, strings.Join(r.Requests(), "\n"))
 		}
 		time.Sleep(pollInterval)
 	}

@@ -260,7 +260,9 @@ func checkLoopbackURL(u string) error {
 	}
 	ip, err := netip.ParseAddr(pu.Hostname())
 	if err != nil || !allowedIP(ip) {
-		return fmt.Errorf("%q: host must be a loopback IP address (127.0.0.0/8 or ::1) or one of a test network, never a name or another address", u)
+		return fmt.Errorf(
+			"%q: host must be a loopback IP address (127.0.0.0/8 or ::1) or one of "+
+				"a test network, never a name or another address", u)
 	}
 	return nil
 }
