@@ -89,6 +89,11 @@ func (s *peerSet) has(id string) bool {
 // later requests for it without waiting on the DHT.
 const recentPeersTTL = 10 * time.Second
 
+// hintTTL is how long a manifest fetched from a peer points at that peer
+// for the manifest's config and layers: long enough for containerd to get
+// to the last layer of a large image.
+const hintTTL = 2 * time.Minute
+
 // maxRecentKeys bounds the keys whose peers are remembered.
 const maxRecentKeys = 4096
 
@@ -97,7 +102,9 @@ const maxRecentKeys = 4096
 // each finds. A burst of requests for one digest (parallel ranges of a
 // layer, many clients at once) would otherwise start one DHT lookup each,
 // and under load a lookup can take longer than the resolve timeout, which
-// turns a hit into a miss.
+// turns a hit into a miss. It also holds hints: the peer that served a
+// manifest most likely holds its config and layers, so it is offered for
+// them at once while their own lookups run.
 type recentPeers struct {
 	mu   sync.Mutex
 	keys map[string]*recentEntry
@@ -105,22 +112,22 @@ type recentPeers struct {
 
 type recentEntry struct {
 	peers   []peerCandidate
-	at      time.Time     // when the entry was made or a peer last found
+	until   time.Time     // when the entry expires
 	changed chan struct{} // closed when a peer is found
 }
 
 func newRecentPeers() *recentPeers { return &recentPeers{keys: map[string]*recentEntry{}} }
 
-// entryLocked returns key's entry, made afresh if it is missing or too
-// old, or nil when the map is full of fresh entries.
+// entryLocked returns key's entry, made afresh if it is missing or
+// expired, or nil when the map is full of live entries.
 func (r *recentPeers) entryLocked(key string, now time.Time) *recentEntry {
 	e, ok := r.keys[key]
-	if ok && now.Sub(e.at) <= recentPeersTTL {
+	if ok && now.Before(e.until) {
 		return e
 	}
 	if !ok && len(r.keys) >= maxRecentKeys {
 		for k, old := range r.keys {
-			if now.Sub(old.at) > recentPeersTTL {
+			if !now.Before(old.until) {
 				delete(r.keys, k)
 			}
 		}
@@ -131,7 +138,7 @@ func (r *recentPeers) entryLocked(key string, now time.Time) *recentEntry {
 	if ok {
 		close(e.changed) // wake those watching the old entry
 	}
-	e = &recentEntry{at: now, changed: make(chan struct{})}
+	e = &recentEntry{until: now.Add(recentPeersTTL), changed: make(chan struct{})}
 	r.keys[key] = e
 	return e
 }
@@ -149,7 +156,13 @@ func (r *recentPeers) watch(key string) ([]peerCandidate, <-chan struct{}) {
 }
 
 // add records that a lookup found p for key.
-func (r *recentPeers) add(key string, p peerCandidate) {
+func (r *recentPeers) add(key string, p peerCandidate) { r.offer(key, p, recentPeersTTL) }
+
+// hint records that p most likely holds key, for hintTTL.
+func (r *recentPeers) hint(key string, p peerCandidate) { r.offer(key, p, hintTTL) }
+
+// offer records p for key for at least ttl.
+func (r *recentPeers) offer(key string, p peerCandidate, ttl time.Duration) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	now := time.Now()
@@ -157,7 +170,9 @@ func (r *recentPeers) add(key string, p peerCandidate) {
 	if e == nil {
 		return
 	}
-	e.at = now
+	if until := now.Add(ttl); until.After(e.until) {
+		e.until = until
+	}
 	if i := slices.IndexFunc(e.peers, func(q peerCandidate) bool { return q.id == p.id }); i >= 0 {
 		e.peers[i] = p
 		return

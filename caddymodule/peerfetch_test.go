@@ -2,13 +2,18 @@ package caddymodule
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"path"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // slowResolver answers the first lookup after a short delay and never
@@ -122,5 +127,90 @@ func TestPeerSlowReaderNoResume(t *testing.T) {
 	}
 	if n := p.count(); n != 1 {
 		t.Fatalf("the peer was asked %d times, want once: the pauses caused resumes", n)
+	}
+}
+
+// startStorePeer serves the given contents by digest, as a peer mirror
+// holding them would, and 404 for anything else.
+func startStorePeer(t *testing.T, id string, contents map[digest.Digest]ocispec.Descriptor,
+	data map[digest.Digest][]byte) *fakePeer {
+	t.Helper()
+	p := &fakePeer{id: id}
+	p.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p.mu.Lock()
+		p.hits++
+		p.mu.Unlock()
+		d := digest.Digest(path.Base(r.URL.Path))
+		desc, ok := contents[d]
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", desc.MediaType)
+		w.Header().Set("Docker-Content-Digest", d.String())
+		w.Header().Set("Content-Length", strconv.Itoa(len(data[d])))
+		_, _ = w.Write(data[d])
+	}))
+	t.Cleanup(p.srv.Close)
+	return p
+}
+
+// TestPeerManifestHints checks that the peer that served an image
+// manifest is asked for its config and layers without waiting on their
+// DHT lookups, and that a layer it lacks is still found through the DHT.
+func TestPeerManifestHints(t *testing.T) {
+	config, layer, other := randomBytes(100), randomBytes(2<<20), randomBytes(3000)
+	desc := func(mt string, b []byte) ocispec.Descriptor {
+		return ocispec.Descriptor{MediaType: mt, Digest: digest.FromBytes(b), Size: int64(len(b))}
+	}
+	m := ocispec.Manifest{MediaType: ocispec.MediaTypeImageManifest,
+		Config: desc(ocispec.MediaTypeImageConfig, config),
+		Layers: []ocispec.Descriptor{desc(ocispec.MediaTypeImageLayerGzip, layer), desc(ocispec.MediaTypeImageLayerGzip, other)}}
+	m.SchemaVersion = 2
+	manifest, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	md := desc(ocispec.MediaTypeImageManifest, manifest)
+	data := map[digest.Digest][]byte{md.Digest: manifest, m.Config.Digest: config,
+		m.Layers[0].Digest: layer, m.Layers[1].Digest: other}
+	holder := startStorePeer(t, "holder", map[digest.Digest]ocispec.Descriptor{
+		md.Digest: md, m.Config.Digest: m.Config, m.Layers[0].Digest: m.Layers[0]}, data)
+	second := startStorePeer(t, "second", map[digest.Digest]ocispec.Descriptor{m.Layers[1].Digest: m.Layers[1]}, data)
+	// the DHT knows the holder for the manifest only, and the second
+	// peer for the layer the holder lacks
+	res := &fakeResolver{peers: map[string][]peerCandidate{
+		md.Digest.String():          {holder.candidate()},
+		m.Layers[1].Digest.String(): {second.candidate()},
+	}}
+	srv, _ := peerOnlyServer(t, res)
+	get := func(kind string, d digest.Digest) (int, string) {
+		t.Helper()
+		resp, err := http.Get(srv.URL + "/v2/team/app/" + kind + "/" + d.String() + "?ns=registry.test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err == nil && resp.StatusCode == http.StatusOK && digest.FromBytes(body) != d {
+			t.Errorf("%s: bytes do not match", d)
+		}
+		return resp.StatusCode, resp.Header.Get(headerSource)
+	}
+
+	// before the manifest, nothing points at the holder for the layer
+	if status, _ := get("blobs", m.Layers[0].Digest); status != http.StatusNotFound {
+		t.Fatalf("layer before its manifest: %d, want 404", status)
+	}
+	if status, src := get("manifests", md.Digest); status != http.StatusOK || src != "peer holder" {
+		t.Fatalf("manifest: %d from %q", status, src)
+	}
+	for _, d := range []digest.Digest{m.Config.Digest, m.Layers[0].Digest} {
+		if status, src := get("blobs", d); status != http.StatusOK || src != "peer holder" {
+			t.Errorf("blob %s after its manifest: %d from %q, want 200 from the holder", d, status, src)
+		}
+	}
+	if status, src := get("blobs", m.Layers[1].Digest); status != http.StatusOK || src != "peer second" {
+		t.Errorf("layer the holder lacks: %d from %q, want 200 from the second peer", status, src)
 	}
 }

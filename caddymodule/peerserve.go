@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"go.uber.org/zap"
 
 	"github.com/peermirror/peermirror/contentstore"
@@ -99,6 +101,9 @@ func (h *Handler) servePeer(w http.ResponseWriter, r *http.Request, f *peerFetch
 				h.distrust(f, body, req.digest)
 				continue
 			}
+			if req.kind == kindManifest {
+				hintChildren(f, res.peer, res.resp.Header.Get("Content-Type"), b)
+			}
 			relayHeaders(w.Header(), res.resp.Header, res.peer)
 			w.WriteHeader(http.StatusOK)
 			_, _ = w.Write(b)
@@ -109,6 +114,26 @@ func (h *Handler) servePeer(w http.ResponseWriter, r *http.Request, f *peerFetch
 		return err
 	}
 	return fmt.Errorf("%w: every peer tried sent wrong bytes", errNoPeer)
+}
+
+// hintChildren offers p, which just served an image manifest, for the
+// manifest's config and layers: containerd asks for those next, and the
+// node that holds a manifest almost always holds its blobs, so the first
+// attempt needs no DHT lookup. The lookups still run, for when p does not
+// have them. An index is not used: a node holds only the platforms it ran.
+func hintChildren(f *peerFetcher, p peerCandidate, mediaType string, b []byte) {
+	if contentstore.IsIndex(mediaType) {
+		return
+	}
+	var m ocispec.Manifest
+	if json.Unmarshal(b, &m) != nil {
+		return
+	}
+	for _, d := range append([]ocispec.Descriptor{m.Config}, m.Layers...) {
+		if d.Digest.Validate() == nil {
+			f.recent.hint(d.Digest.String(), p)
+		}
+	}
 }
 
 // smallBlobSize is the largest blob fetched whole from a peer and checked
@@ -295,6 +320,11 @@ func (h *Handler) resolveTagFromPeers(ctx context.Context, f *peerFetcher, req o
 		}
 		return got[i].digest > got[j].digest
 	})
+	for _, a := range got {
+		if a.digest == got[0].digest {
+			f.recent.hint(a.digest.String(), a.peer)
+		}
+	}
 	if len(got) > 1 && got[0].digest != got[len(got)-1].digest {
 		h.logger.Debug("peers disagree on a tag; taking the most recently updated",
 			zap.String("reference", key), zap.String("digest", got[0].digest.String()),

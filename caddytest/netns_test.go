@@ -409,11 +409,15 @@ func TestNetnsTwoInterfaces(t *testing.T) {
 }
 
 // TestNetnsTenNodes: one node holds an image; the nine others pull it at
-// once through their mirrors, with the default resolve and peer timeouts;
-// the registry serves none of it after the first pull.
+// once through their mirrors; the registry serves none of it after the
+// first pull. Peer timeouts are the defaults; the resolve timeout is not:
+// ten nodes and their containerds share two vCPUs in CI, and a DHT lookup
+// there can take longer than the 50ms default that a node with its own
+// CPU needs, which would turn a hit into a (correct) fallback upstream.
 func TestNetnsTenNodes(t *testing.T) {
 	skipNetns(t)
-	c := newNetnsCluster(t, testenv.NetworkOptions{Family: testenv.IPv4}, testenv.NodeOptions{})
+	c := newNetnsCluster(t, testenv.NetworkOptions{Family: testenv.IPv4},
+		testenv.NodeOptions{Extra: "resolve_timeout 500ms"})
 	img := c.reg.PushRandomImage(t, "team/netns10", "v1", 4, 4<<20)
 	start := time.Now()
 	nodes := c.addNodes(t, "n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9")
