@@ -81,7 +81,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	start := time.Now()
 	var req ociRequest
 	source := "invalid"
-	defer func() { observeRequest(r, req, source, cw, time.Since(start)) }()
+	defer func() {
+		took := time.Since(start)
+		observeRequest(r, req, source, cw, took)
+		recentRequests.add(r, req, source, cw, start, took)
+	}()
 
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")

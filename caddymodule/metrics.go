@@ -145,10 +145,21 @@ func registryLabel(ns string) string {
 // out with sendfile.
 type countingWriter struct {
 	http.ResponseWriter
-	n int64
+	n      int64
+	status int // the status sent, 0 until then
+}
+
+func (cw *countingWriter) WriteHeader(status int) {
+	if cw.status == 0 {
+		cw.status = status
+	}
+	cw.ResponseWriter.WriteHeader(status)
 }
 
 func (cw *countingWriter) Write(p []byte) (int, error) {
+	if cw.status == 0 {
+		cw.status = http.StatusOK
+	}
 	n, err := cw.ResponseWriter.Write(p)
 	cw.n += int64(n)
 	return n, err
@@ -156,6 +167,9 @@ func (cw *countingWriter) Write(p []byte) (int, error) {
 
 // ReadFrom passes r, unwrapped, to the underlying writer.
 func (cw *countingWriter) ReadFrom(r io.Reader) (int64, error) {
+	if cw.status == 0 {
+		cw.status = http.StatusOK
+	}
 	n, err := io.Copy(cw.ResponseWriter, r)
 	cw.n += n
 	return n, err

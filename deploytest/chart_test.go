@@ -160,6 +160,11 @@ func valueCases(repo string) []valueCase {
 			registries: defaultRegistries,
 			writable:   []string{"containerd-certs", "state"},
 			hook:       true,
+			check: func(t *testing.T, r rendered) {
+				if strings.Contains(r.configMap.Data["Caddyfile"], "peermirror_debug") {
+					t.Errorf("the debug page is on by default")
+				}
+			},
 		},
 		{
 			name:        "gpu",
@@ -193,6 +198,7 @@ func valueCases(repo string) []valueCase {
 				"--set", "containerd.mirrorTargets={http://127.0.0.1:30020,fd00::5}",
 				"--set", "peermirror.filterReferences={:latest$}",
 				"--set", "p2p.recordTTL=20m,p2p.reprovideInterval=5m",
+				"--set", "debugPage.port=30021",
 			},
 			kinds:      append(slices.Clone(defaultKinds), "NetworkPolicy", "ServiceMonitor"),
 			registries: []string{"_default"},
@@ -227,7 +233,8 @@ func valueCases(repo string) []valueCase {
 				caddyfile := r.configMap.Data["Caddyfile"]
 				for _, want := range []string{"key_file /etc/peermirror/keys/{$NODE_NAME}.pem", "https://:30443 {",
 					"auto_https disable_redirects", "protocols h1 h2",
-					`filter_reference ":latest$"`, "record_ttl 20m", "reprovide_interval 5m"} {
+					`filter_reference ":latest$"`, "record_ttl 20m", "reprovide_interval 5m",
+					":30021 {\n\tbind 127.0.0.1\n\tpeermirror_debug {\n\t\tmirror http://127.0.0.1:30020"} {
 					if !strings.Contains(caddyfile, want) {
 						t.Errorf("Caddyfile lacks %q", want)
 					}

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the real components the tests run (containerd, ctr, the
-# distribution registry, crictl) into .tools/bin with `go install`, each only
-# when it is missing or at another version. Safe to run repeatedly.
+# distribution registry, crictl, crane, helm) into .tools/bin with
+# `go install`, each only when it is missing or at another version, and
+# Debian's chromium package when no chromium is found. Safe to run
+# repeatedly.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -30,3 +32,17 @@ for t in "${tools[@]}"; do
 	echo "$version" >"$stamp"
 	echo "install-tools: $name done in $((SECONDS - start))s" >&2
 done
+
+# Debian's Chromium, for the debug page's headless browser test
+if ! command -v chromium >/dev/null 2>&1 && [[ -z "${PEERMIRROR_CHROMIUM:-}" ]]; then
+	if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+		echo "install-tools: apt-get install chromium" >&2
+		start=$SECONDS
+		apt-get update -qq
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+		echo "install-tools: chromium done in $((SECONDS - start))s" >&2
+	else
+		echo "install-tools: chromium is missing: install Debian's chromium package, or set PEERMIRROR_CHROMIUM" >&2
+		exit 1
+	fi
+fi

@@ -48,6 +48,10 @@ type NodeOptions struct {
 	// (libp2p on 0.0.0.0 and, for IPv6 hosts, ::) and announces nothing:
 	// the node detects its addresses itself.
 	DetectAddrs bool
+	// Sites is appended to the node's Caddyfile after the mirror's site:
+	// more site blocks, such as one with the debug page. Loopback nodes
+	// only (not with Host).
+	Sites string
 }
 
 // StartNode starts a node whose containerd asks its own mirror first and
@@ -83,8 +87,8 @@ func StartNode(t T, name string, registryHost, upstream string, opts NodeOptions
 			extra = opts.Extra + "\n"
 		}
 		return fmt.Sprintf("{\n\tadmin %s\n\tdebug\n\tpeermirror {\n\t\tcontainerd {\n\t\t\taddress %s\n\t\t}\n"+
-			"\t\tdht {\n%s\t\t}\n%s\t}\n}\n\n:%d {\n\tpeermirror\n}\n",
-			admin, n.Ctrd.Socket, dhtLines.String(), extra, port)
+			"\t\tdht {\n%s\t\t}\n%s\t}\n}\n\n:%d {\n\tpeermirror\n}\n%s",
+			admin, n.Ctrd.Socket, dhtLines.String(), extra, port, opts.Sites)
 	})
 	n.Ctrd.WriteHostsToml(t, registryHost, upstream, n.Mirror.URL)
 	return n
