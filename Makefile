@@ -10,8 +10,12 @@ HELM        := $(TOOLS_BIN)/helm
 CHART       := charts/peermirror
 # go test budget: a generous hang detector for the whole run
 TEST_TIMEOUT ?= 30m
+# fuzz-short: time per fuzz target, and the targets as package:name
+FUZZTIME    ?= 10s
+FUZZ_TARGETS := caddymodule:FuzzParseRequest caddymodule:FuzzParseRange caddymodule:FuzzMeasureReference \
+	contentstore:FuzzDetectMediaType contentstore:FuzzDetectMediaTypeRules
 
-.PHONY: all build tools test test-short lint demo bench xcaddy chart clean
+.PHONY: all build tools test test-short fuzz-short lint demo bench xcaddy chart clean
 
 all: build
 
@@ -25,9 +29,19 @@ tools:
 
 ## test: every test, against real containerd, registry and Caddy; one package
 ## at a time, so the multi-node tests face their own load, not another
-## package's build
+## package's build; then a short fuzz of each fuzz target
 test: tools build chart
 	PEERMIRROR_CADDY=$(CADDY) $(GO) test -race -p 1 -timeout $(TEST_TIMEOUT) ./...
+	$(MAKE) fuzz-short
+
+## fuzz-short: each fuzz target for $(FUZZTIME); go test fuzzes one target
+## per run. A failing input is kept in the package's testdata/fuzz.
+fuzz-short:
+	@set -e; for target in $(FUZZ_TARGETS); do \
+		pkg=$${target%%:*}; name=$${target#*:}; \
+		echo "fuzz $$name in ./$$pkg for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) -timeout 5m ./$$pkg; \
+	done
 
 ## test-short: the unit tests only (no containerd, no root)
 test-short:

@@ -2,7 +2,7 @@ package caddymodule
 
 import (
 	"errors"
-	"strconv"
+	"math"
 	"strings"
 )
 
@@ -65,16 +65,24 @@ func parseRange(header string, size int64) (r byteRange, ok bool, err error) {
 }
 
 // parseOffset reads a non-negative decimal with digits only: no sign, no
-// spaces, no overflow.
+// spaces. A number past int64 stands as math.MaxInt64: no blob is that
+// large, so as a first byte it is past the end, and as a last byte or a
+// suffix it means the rest of the blob, as RFC 9110 reads them.
 func parseOffset(s string) (int64, bool) {
-	if s == "" || len(s) > 19 {
+	if s == "" {
 		return 0, false
 	}
+	var n int64
 	for i := 0; i < len(s); i++ {
 		if s[i] < '0' || s[i] > '9' {
 			return 0, false
 		}
+		d := int64(s[i] - '0')
+		if n > (math.MaxInt64-d)/10 {
+			n = math.MaxInt64
+			continue
+		}
+		n = n*10 + d
 	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	return n, err == nil
+	return n, true
 }

@@ -126,15 +126,20 @@ func parseRequest(u *url.URL) (ociRequest, *requestError) {
 		return ociRequest{}, badRequest(codeNameInvalid, "the ns query parameter is given more than once")
 	}
 
-	// the repository name, alone and with its registry
-	named, err := reference.WithName(name)
+	// the repository name, alone and with its registry; alone, it is read
+	// under a placeholder registry, or the grammar would take a first part
+	// such as Team or host:5000 for a registry and let it through
+	named, err := reference.WithName("registry.invalid/" + name)
+	if err == nil && reference.Path(named) != name {
+		err = reference.ErrReferenceInvalidFormat
+	}
 	if err != nil {
 		return ociRequest{}, badRequest(codeNameInvalid, "invalid repository name: "+err.Error())
 	}
 	if req.registry != "" {
 		full, err := reference.WithName(req.registry + "/" + name)
 		if err != nil || reference.Domain(full) != req.registry {
-			return ociRequest{}, badRequest(codeNameInvalid, "invalid registry in ns: "+req.registry)
+			return ociRequest{}, badRequest(codeNameInvalid, "invalid registry in ns: "+quoteShort(req.registry))
 		}
 	}
 	req.name = name
