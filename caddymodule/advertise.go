@@ -33,6 +33,10 @@ type advertiser struct {
 	// deletes content without an event.
 	relist time.Duration
 
+	// walks caches the present digests under each root digest walked,
+	// so many names for one image (a tag storm, CRI's extra records) cost
+	// one walk; any content event or full re-list empties it
+	walks  map[digest.Digest][]string
 	images map[string][]string // image name -> its keys
 	refs   map[string]int      // key -> number of images that hold it
 	// advertised is len(refs), readable from other goroutines
@@ -43,7 +47,7 @@ type advertiser struct {
 func newAdvertiser(store *contentstore.Store, target advertiseTarget, keep func(contentstore.Image) bool,
 	relist time.Duration, logger *zap.Logger) *advertiser {
 	return &advertiser{store: store, target: target, keep: keep, relist: relist, logger: logger,
-		images: map[string][]string{}, refs: map[string]int{}}
+		images: map[string][]string{}, refs: map[string]int{}, walks: map[digest.Digest][]string{}}
 }
 
 // run follows the store's events until ctx ends.
@@ -83,6 +87,9 @@ func (a *advertiser) run(ctx context.Context) {
 }
 
 func (a *advertiser) handle(ctx context.Context, ev contentstore.Event) {
+	if ev.Kind == contentstore.ContentCreated || ev.Kind == contentstore.ContentDeleted {
+		clear(a.walks)
+	}
 	switch ev.Kind {
 	case contentstore.Resync:
 		a.full(ctx)
@@ -127,17 +134,22 @@ func (a *advertiser) keysOf(ctx context.Context, img contentstore.Image) []strin
 	if !a.keep(img) {
 		return nil
 	}
-	descs, err := a.store.Digests(ctx, img.Target)
-	if err != nil {
-		a.logger.Debug("walking image", zap.String("image", img.Name), zap.Error(err))
-		return nil
+	present, ok := a.walks[img.Target.Digest]
+	if !ok {
+		descs, err := a.store.Digests(ctx, img.Target)
+		if err != nil {
+			a.logger.Debug("walking image", zap.String("image", img.Name), zap.Error(err))
+			return nil
+		}
+		present = make([]string, 0, len(descs))
+		for _, d := range descs {
+			present = append(present, d.Digest.String())
+		}
+		a.walks[img.Target.Digest] = present
 	}
-	keys := make([]string, 0, len(descs)+1)
-	rootHere := false
-	for _, d := range descs {
-		keys = append(keys, d.Digest.String())
-		rootHere = rootHere || d.Digest == img.Target.Digest
-	}
+	keys := make([]string, 0, len(present)+1)
+	keys = append(keys, present...)
+	rootHere := len(present) > 0 && present[0] == img.Target.Digest.String()
 	if _, tagged := img.Ref.(reference.Tagged); tagged && rootHere {
 		keys = append(keys, img.Name)
 	}
@@ -146,6 +158,7 @@ func (a *advertiser) keysOf(ctx context.Context, img contentstore.Image) []strin
 
 // full lists every image again and replaces what is advertised.
 func (a *advertiser) full(ctx context.Context) {
+	clear(a.walks)
 	imgs, err := a.store.Images(ctx)
 	if err != nil {
 		a.logger.Debug("listing images to advertise", zap.Error(err))

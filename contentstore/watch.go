@@ -270,13 +270,13 @@ func (s *Store) handle(ctx context.Context, ev any) {
 			return
 		}
 		out = Event{Kind: ImageCreated, Image: e.Name}
-		s.learnImage(ctx, e.Name)
+		s.learnImage(ctx, e.Name, false)
 	case *eventstypes.ImageUpdate:
 		if !isImageName(e.Name) {
 			return
 		}
 		out = Event{Kind: ImageUpdated, Image: e.Name}
-		s.learnImage(ctx, e.Name)
+		s.learnImage(ctx, e.Name, true)
 	case *eventstypes.ImageDelete:
 		if !isImageName(e.Name) {
 			return
@@ -312,7 +312,10 @@ func (s *Store) learnAll(ctx context.Context) {
 	}
 }
 
-func (s *Store) learnImage(ctx context.Context, name string) {
+// learnImage walks a new or updated image's tree to learn its media types.
+// A new name for a root already walked (another tag, CRI's ID record)
+// skips the walk, unless always is set.
+func (s *Store) learnImage(ctx context.Context, name string, always bool) {
 	c, cctx, cancel, err := s.call(ctx)
 	if err != nil {
 		return
@@ -320,6 +323,12 @@ func (s *Store) learnImage(ctx context.Context, name string) {
 	defer cancel()
 	img, err := c.ImageService().Get(cctx, name)
 	if err != nil {
+		return
+	}
+	s.mu.RLock()
+	known := s.mediaTypes[img.Target.Digest] == img.Target.MediaType
+	s.mu.RUnlock()
+	if known && !always {
 		return
 	}
 	if _, err := s.Digests(ctx, img.Target); err != nil {
