@@ -15,7 +15,7 @@ FUZZTIME    ?= 10s
 FUZZ_TARGETS := caddymodule:FuzzParseRequest caddymodule:FuzzParseRange caddymodule:FuzzMeasureReference \
 	contentstore:FuzzDetectMediaType contentstore:FuzzDetectMediaTypeRules
 
-.PHONY: all build tools test test-short fuzz-short lint demo bench xcaddy chart clean
+.PHONY: all build tools test test-short fuzz-short load lint demo bench xcaddy chart clean
 
 all: build
 
@@ -42,6 +42,15 @@ fuzz-short:
 		echo "fuzz $$name in ./$$pkg for $(FUZZTIME)"; \
 		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) -timeout 5m ./$$pkg; \
 	done
+
+## load: the load test's long form: LOAD_CLIENTS clients for LOAD_DURATION
+## through three nodes, without the race detector (which would make the
+## test's own clients the bottleneck); make test runs a short form
+LOAD_DURATION ?= 2m
+LOAD_CLIENTS  ?= 64
+load: tools build
+	PEERMIRROR_CADDY=$(CADDY) PEERMIRROR_LOAD_DURATION=$(LOAD_DURATION) PEERMIRROR_LOAD_CLIENTS=$(LOAD_CLIENTS) \
+		$(GO) test -run '^TestLoad$$' -count 1 -v -timeout 30m ./caddytest
 
 ## test-short: the unit tests only (no containerd, no root)
 test-short:

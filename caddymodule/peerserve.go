@@ -279,9 +279,13 @@ type tagAnswer struct {
 // maxTagPeers bounds the peers asked about one tag.
 const maxTagPeers = 3
 
+// tagPeerGrace is how long a tag lookup waits for more peers after the
+// first one.
+const tagPeerGrace = 10 * time.Millisecond
+
 // resolveTagFromPeers asks the peers that advertise req's tag which digest
-// it points at. Peers found within the resolve timeout (up to three) are
-// asked together; when they disagree, the most recently updated image
+// it points at. The peers found within the resolve timeout, and at most
+// tagPeerGrace after the first (up to three), are asked together; when they disagree, the most recently updated image
 // record wins, and a tie goes to the greatest digest, so the answer never
 // depends on which peer happened to answer first.
 func (h *Handler) resolveTagFromPeers(ctx context.Context, f *peerFetcher, req ociRequest) (digest.Digest, error) {
@@ -293,6 +297,13 @@ func (h *Handler) resolveTagFromPeers(ctx context.Context, f *peerFetcher, req o
 		p, ok := cands.next(ctx, deadline)
 		if !ok {
 			break
+		}
+		if len(peers) == 0 {
+			// providers mostly arrive together (stored here, or in one
+			// answer from a peer); a lookup is not awaited to its end
+			if grace := time.Now().Add(tagPeerGrace); grace.Before(deadline) {
+				deadline = grace
+			}
 		}
 		peers = append(peers, p)
 	}
