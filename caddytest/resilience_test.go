@@ -25,8 +25,9 @@ import (
 	"github.com/peermirror/peermirror/internal/testenv"
 )
 
-// procStats reads a Caddy's goroutine count and, after a forced GC, its
-// heap in use, through the admin endpoint's pprof and expvar routes.
+// procStats reads a Caddy's goroutine count (idle keep-alive connections
+// left out) and, after a forced GC, its heap in use, through the admin
+// endpoint's pprof and expvar routes.
 func procStats(t *testing.T, c *testenv.Caddy) (goroutines int, heapInuse uint64) {
 	t.Helper()
 	get := func(path string) []byte {
@@ -41,7 +42,10 @@ func procStats(t *testing.T, c *testenv.Caddy) (goroutines int, heapInuse uint64
 		}
 		return b
 	}
-	get("/debug/pprof/heap?gc=1") // runs a GC first
+	// each runs a GC; the second also empties what sync.Pools kept
+	// through the first
+	get("/debug/pprof/heap?gc=1")
+	get("/debug/pprof/heap?gc=1")
 	var vars struct {
 		MemStats struct {
 			HeapInuse uint64
@@ -50,12 +54,37 @@ func procStats(t *testing.T, c *testenv.Caddy) (goroutines int, heapInuse uint64
 	if err := json.Unmarshal(get("/debug/vars"), &vars); err != nil {
 		t.Fatalf("decoding /debug/vars: %v", err)
 	}
-	first, _, _ := strings.Cut(string(get("/debug/pprof/goroutine?debug=1")), "\n")
-	n, err := strconv.Atoi(strings.TrimPrefix(first, "goroutine profile: total "))
-	if err != nil {
+	return busyGoroutines(t, string(get("/debug/pprof/goroutine?debug=1"))), vars.MemStats.HeapInuse
+}
+
+// busyGoroutines counts the goroutines in a goroutine profile (debug=1)
+// other than those of idle keep-alive connections, client and server
+// side: those are pools bounded by their limits and idle timeouts, not
+// leaks.
+func busyGoroutines(t *testing.T, profile string) int {
+	t.Helper()
+	first, rest, _ := strings.Cut(profile, "\n")
+	if !strings.HasPrefix(first, "goroutine profile: total ") {
 		t.Fatalf("goroutine profile starts %q", first)
 	}
-	return n, vars.MemStats.HeapInuse
+	n := 0
+	for _, group := range strings.Split(rest, "\n\n") {
+		count, _, ok := strings.Cut(strings.TrimSpace(group), " @ ")
+		if !ok {
+			continue
+		}
+		c, err := strconv.Atoi(count)
+		if err != nil {
+			continue
+		}
+		idle := strings.Contains(group, "(*persistConn).readLoop") ||
+			strings.Contains(group, "(*persistConn).writeLoop") ||
+			(strings.Contains(group, "net/http.(*conn).serve") && strings.Contains(group, "bufio.(*Reader).Peek"))
+		if !idle {
+			n += c
+		}
+	}
+	return n
 }
 
 // peakRSS returns the peak resident set size of a process, in bytes.
@@ -95,6 +124,11 @@ func leakCheck(t *testing.T, n *node) func() {
 			}
 			if time.Now().After(deadline) {
 				t.Errorf("%s: goroutines %d -> %d, heap in use %d -> %d bytes: a leak", n.Name, g0, g, h0, h)
+				if resp, err := testenv.HTTPClient().Get("http://" + n.Mirror.AdminAddr + "/debug/pprof/goroutine?debug=1"); err == nil {
+					b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+					resp.Body.Close()
+					t.Logf("%s: goroutines:\n%s", n.Name, b)
+				}
 				return
 			}
 			time.Sleep(250 * time.Millisecond)
