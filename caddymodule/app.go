@@ -79,6 +79,12 @@ type App struct {
 	// Caddyfile: `max_peers`.
 	MaxPeers int `json:"max_peers,omitempty"`
 
+	// CoordinatePulls, with peer to peer on, makes a cold pull of a blob
+	// that no node holds go upstream about once for the whole cluster:
+	// one node fetches it, the others stream its download in progress.
+	// Default: true. Caddyfile: `coordinate_pulls false`.
+	CoordinatePulls *bool `json:"coordinate_pulls,omitempty"`
+
 	storeCfg   contentstore.Config
 	poolKey    string
 	registries map[string]bool
@@ -206,6 +212,11 @@ func (a *App) filtered(ref string) bool {
 		}
 	}
 	return false
+}
+
+// coordinates reports whether cold pulls are coordinated.
+func (a *App) coordinates() bool {
+	return a.DHT != nil && (a.CoordinatePulls == nil || *a.CoordinatePulls)
 }
 
 // resolvesTags reports whether tags are resolved through peers.

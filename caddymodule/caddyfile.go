@@ -108,15 +108,20 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			a.FilterReferences = append(a.FilterReferences, args...)
-		case "resolve_tags":
+		case "resolve_tags", "coordinate_pulls":
+			name := d.Val()
 			if !d.NextArg() {
 				return d.ArgErr()
 			}
 			v, err := strconv.ParseBool(d.Val())
 			if err != nil {
-				return d.Errf("resolve_tags: %v", err)
+				return d.Errf("%s: %v", name, err)
 			}
-			a.ResolveTags = &v
+			if name == "resolve_tags" {
+				a.ResolveTags = &v
+			} else {
+				a.CoordinatePulls = &v
+			}
 			if d.NextArg() {
 				return d.ArgErr()
 			}

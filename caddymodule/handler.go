@@ -72,6 +72,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		h.serveProbe(w, r)
 		return nil
 	}
+	if strings.HasPrefix(r.URL.Path, claimsPath) {
+		h.serveClaim(w, r)
+		return nil
+	}
 	if r.URL.Path != "/v2" && !strings.HasPrefix(r.URL.Path, "/v2/") {
 		return next.ServeHTTP(w, r)
 	}
@@ -128,18 +132,36 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	source = "local"
 	err := errNotStarted
-	if store := h.app.Store(); store != nil {
+	store := h.app.Store()
+	if store != nil {
 		if req.kind == kindManifest {
 			err = h.serveManifest(w, r, store, req)
 		} else {
 			err = h.serveBlob(w, r, store, req)
 		}
 	}
+	// a whole blob that another node's cold pull waits on may still be
+	// downloading here
+	if err != nil && isMiss(err) && forwarded && store != nil && coldBlob(r, req) &&
+		r.Header.Get(headerIngest) != "" && h.app.coordinates() {
+		source = "local"
+		clearContentHeaders(w.Header())
+		if ierr := h.serveIngest(w, r, store, req); ierr != nil {
+			err = fmt.Errorf("%v; %w", err, ierr)
+		} else {
+			err = nil
+		}
+	}
 	if err != nil && !errors.Is(err, errWrongKind) && !forwarded && isMiss(err) {
 		if f := h.app.peers(); f != nil && (req.tag == "" || h.app.resolvesTags()) {
 			source = "peer"
 			clearContentHeaders(w.Header())
-			if perr := h.servePeer(w, r, f, req); perr != nil {
+			perr := h.servePeer(w, r, f, req)
+			if errors.Is(perr, errNoPeer) && coldBlob(r, req) && h.app.coordinates() {
+				clearContentHeaders(w.Header())
+				perr = h.serveCold(w, r, f, req)
+			}
+			if perr != nil {
 				err = fmt.Errorf("%v; %w", err, perr)
 			} else {
 				err = nil
@@ -163,6 +185,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			zap.Duration("duration", time.Since(start)))
 	}
 	return nil
+}
+
+// coldBlob reports whether req is a request that cold pull coordination
+// handles: a GET of a whole blob.
+func coldBlob(r *http.Request, req ociRequest) bool {
+	return req.kind == kindBlob && r.Method == http.MethodGet && r.Header.Get("Range") == ""
 }
 
 // isMiss reports whether err means the local store does not have the

@@ -60,6 +60,10 @@ type peerFetcher struct {
 
 	bad    *peerSet     // peers that sent bytes not matching the digest
 	recent *recentPeers // peers lookups found lately, by key
+
+	// coldClient asks a node for its download in progress: it waits
+	// longer for the answer, while that node's containerd starts it
+	coldClient *http.Client
 }
 
 // peerSet is a set of peer IDs, safe for concurrent use.
@@ -301,6 +305,9 @@ type peerRequest struct {
 	partial bool   // a 206 is expected
 	// anyStatus, when set, lists the statuses accepted instead
 	anyStatus []int
+	// ingest asks for a download in progress too: the peer may wait for
+	// its containerd to start it before it answers
+	ingest bool
 }
 
 // attemptResult is the outcome of asking one peer.
@@ -399,7 +406,12 @@ func (f *peerFetcher) send(ctx context.Context, p peerCandidate, req peerRequest
 	if req.rng != "" {
 		hreq.Header.Set("Range", req.rng)
 	}
-	resp, err := f.client.Do(hreq)
+	client := f.client
+	if req.ingest {
+		hreq.Header.Set(headerIngest, "1")
+		client = f.coldClient
+	}
+	resp, err := client.Do(hreq)
 	if err != nil {
 		return nil, err
 	}
@@ -647,9 +659,12 @@ func newPeerFetcher(resolver peerResolver, resolveTimeout, hedgeDelay, peerTimeo
 		DisableCompression:    true,
 		ForceAttemptHTTP2:     false,
 	}
+	cold := transport.Clone()
+	cold.ResponseHeaderTimeout = ingestStartWait + peerTimeout
 	return &peerFetcher{
 		resolver:       resolver,
 		client:         &http.Client{Transport: transport},
+		coldClient:     &http.Client{Transport: cold},
 		logger:         logger,
 		resolveTimeout: resolveTimeout,
 		hedgeDelay:     hedgeDelay,
@@ -664,4 +679,5 @@ func newPeerFetcher(resolver peerResolver, resolveTimeout, hedgeDelay, peerTimeo
 // close drops idle connections to peers.
 func (f *peerFetcher) close() {
 	f.client.CloseIdleConnections()
+	f.coldClient.CloseIdleConnections()
 }

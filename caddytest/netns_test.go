@@ -50,6 +50,9 @@ type netnsCluster struct {
 	net   *testenv.Network
 	nodes []*node
 	opts  testenv.NodeOptions
+	// upstream is the registry URL in the nodes' hosts.toml: the
+	// registry's own, unless a test puts a proxy in front of it
+	upstream string
 	// dnsAddrs picks the addresses of a host listed under netnsPeersName
 	dnsAddrs func(h *testenv.Host) []netip.Addr
 }
@@ -86,7 +89,11 @@ func (c *netnsCluster) startNodes(t *testing.T, hosts ...*testenv.Host) []*node 
 	for _, h := range hosts {
 		opts := c.opts
 		opts.Host = h
-		n := testenv.StartNode(t, strings.ToUpper(h.Name), upstreamHost, c.reg.URL, opts)
+		upstream := c.upstream
+		if upstream == "" {
+			upstream = c.reg.URL
+		}
+		n := testenv.StartNode(t, strings.ToUpper(h.Name), upstreamHost, upstream, opts)
 		// stop first, then read the whole log before it is removed
 		t.Cleanup(func() {
 			n.Mirror.Stop(t)

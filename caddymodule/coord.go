@@ -1,0 +1,387 @@
+package caddymodule
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"go.uber.org/zap"
+
+	"github.com/peermirror/peermirror/contentstore"
+	"github.com/peermirror/peermirror/dht"
+)
+
+// Cold pulls: when a blob is nowhere in the cluster, every node that
+// misses it asks the blob's coordinator, one node that all agree on (the
+// highest rendezvous weight of digest and peer ID among the nodes each
+// knows). The first to ask is told to fetch it: its mirror answers 404,
+// its containerd pulls from upstream, and it renews a short lease while
+// the download runs. The others are pointed at that fetcher, whose mirror
+// streams the download in progress from containerd's ingest folder. All
+// state is in memory and expires with the lease.
+
+// claimsPath is where a coordinator takes claims:
+// POST /.well-known/peermirror/v1/claims/<digest> with the claiming node's
+// peer ID in headerNode; ?done=1 gives a claim up.
+const claimsPath = "/.well-known/peermirror/v1/claims/"
+
+// Headers between nodes for cold pulls.
+const (
+	headerNode   = "X-Peermirror-Node"   // the asking node's peer ID
+	headerIngest = "X-Peermirror-Ingest" // serve a download in progress too
+)
+
+// claimLease is how long a claim lasts without renewal.
+const claimLease = 5 * time.Second
+
+// ingestStartWait bounds the wait for a fetcher's containerd to start the
+// download it was told to make.
+const ingestStartWait = 5 * time.Second
+
+// ingestStall is how long a download in progress may stop growing before
+// the readers following it give up (and their nodes fall back upstream).
+const ingestStall = 2 * time.Second
+
+// maxClaims bounds the claims a coordinator holds.
+const maxClaims = 16384
+
+// claim names the node fetching a digest from upstream.
+type claim struct {
+	Fetcher string    `json:"fetcher"` // peer ID
+	URL     string    `json:"url"`     // its mirror
+	Granted bool      `json:"granted"` // the asker is the fetcher
+	until   time.Time // lease end
+}
+
+// claimTable is a coordinator's claims. It is one per process, so a
+// config reload keeps the leases.
+type claimTable struct {
+	mu sync.Mutex
+	m  map[digest.Digest]claim
+}
+
+var claims = &claimTable{m: map[digest.Digest]claim{}}
+
+// take grants d to node id (mirror url) unless another node's lease runs;
+// the holder taking it again renews its lease.
+func (t *claimTable) take(d digest.Digest, id, url string, now time.Time) (claim, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if c, ok := t.m[d]; ok && now.Before(c.until) {
+		if c.Fetcher != id {
+			c.Granted = false
+			return c, nil
+		}
+		c.until = now.Add(claimLease)
+		t.m[d] = c
+		c.Granted = true
+		return c, nil
+	}
+	if len(t.m) >= maxClaims {
+		for k, c := range t.m {
+			if !now.Before(c.until) {
+				delete(t.m, k)
+			}
+		}
+		if len(t.m) >= maxClaims {
+			return claim{}, errors.New("too many claims")
+		}
+	}
+	c := claim{Fetcher: id, URL: url, until: now.Add(claimLease)}
+	t.m[d] = c
+	c.Granted = true
+	return c, nil
+}
+
+// release ends id's claim on d.
+func (t *claimTable) release(d digest.Digest, id string) {
+	t.mu.Lock()
+	if c, ok := t.m[d]; ok && c.Fetcher == id {
+		delete(t.m, d)
+	}
+	t.mu.Unlock()
+}
+
+// rendezvous returns the node among candidates with the highest weight
+// for d: every node that knows the same set picks the same one.
+func rendezvous(d digest.Digest, candidates []dht.Peer) dht.Peer {
+	var best dht.Peer
+	var bestW uint64
+	for i, p := range candidates {
+		h := sha256.Sum256([]byte(d.String() + "\x00" + p.ID.String()))
+		w := binary.BigEndian.Uint64(h[:8])
+		if i == 0 || w > bestW {
+			best, bestW = p, w
+		}
+	}
+	return best
+}
+
+// coordinator returns d's coordinator among this node (with no mirror
+// URL: it does not ask itself over HTTP) and the peers it knows a mirror
+// for.
+func coordinator(r *dht.Router, d digest.Digest) dht.Peer {
+	return rendezvous(d, append(r.Peers(), dht.Peer{ID: r.ID()}))
+}
+
+// serveClaim answers a claim from another node (or a release).
+func (h *Handler) serveClaim(w http.ResponseWriter, r *http.Request) {
+	router := h.app.router.Load()
+	if router == nil || !h.app.coordinates() {
+		writeError(w, r, http.StatusNotFound, codeUnsupported, "cold pull coordination is off on this node")
+		return
+	}
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", "POST")
+		writeError(w, r, http.StatusMethodNotAllowed, codeUnsupported, "claims are made with POST")
+		return
+	}
+	d, err := digest.Parse(strings.TrimPrefix(r.URL.Path, claimsPath))
+	if err != nil {
+		writeError(w, r, http.StatusBadRequest, codeDigestInvalid, "invalid digest")
+		return
+	}
+	id := r.Header.Get(headerNode)
+	if r.URL.Query().Get("done") != "" {
+		claims.release(d, id)
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	// the asker's mirror, as this node reaches it
+	url := ""
+	for _, p := range router.Peers() {
+		if p.ID.String() == id {
+			url = p.MirrorURL
+		}
+	}
+	if url == "" {
+		writeError(w, r, http.StatusForbidden, codeUnsupported, "only a connected peer may claim")
+		return
+	}
+	c, err := claims.take(d, id, url, time.Now())
+	if err != nil {
+		writeError(w, r, http.StatusServiceUnavailable, codeUnsupported, err.Error())
+		return
+	}
+	h.logger.Debug("claim", zap.String("digest", d.String()), zap.String("asker", id),
+		zap.String("fetcher", c.Fetcher), zap.Bool("granted", c.Granted))
+	_ = writeJSON(w, c)
+}
+
+// askClaim asks d's coordinator who fetches d, claiming it for this node.
+func (a *App) askClaim(ctx context.Context, f *peerFetcher, r *dht.Router, d digest.Digest, done bool) (claim, error) {
+	self := r.ID().String()
+	coord := coordinator(r, d)
+	if coord.ID.String() == self {
+		if done {
+			claims.release(d, self)
+			return claim{}, nil
+		}
+		return claims.take(d, self, "", time.Now())
+	}
+	ctx, cancel := context.WithTimeout(ctx, f.stallTimeout)
+	defer cancel()
+	u := coord.MirrorURL + claimsPath + d.String()
+	if done {
+		u += "?done=1"
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, nil)
+	if err != nil {
+		return claim{}, err
+	}
+	req.Header.Set(headerForwarded, peerProtocolVersion)
+	req.Header.Set(headerNode, self)
+	resp, err := f.client.Do(req)
+	if err != nil {
+		return claim{}, fmt.Errorf("asking coordinator %s: %w", coord.ID, err)
+	}
+	defer resp.Body.Close()
+	if done {
+		return claim{}, nil
+	}
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return claim{}, fmt.Errorf("coordinator %s answered %s: %s", coord.ID, resp.Status, bytes.TrimSpace(b))
+	}
+	var c claim
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 4096)).Decode(&c); err != nil {
+		return claim{}, fmt.Errorf("coordinator %s: %w", coord.ID, err)
+	}
+	if c.Fetcher == self {
+		c.Granted = true
+	}
+	if c.Fetcher == coord.ID.String() {
+		// the coordinator fetches it itself: it is reached where it was
+		c.URL = coord.MirrorURL
+	}
+	if !c.Granted && c.URL == "" {
+		return claim{}, fmt.Errorf("coordinator %s named fetcher %s without an address", coord.ID, c.Fetcher)
+	}
+	return c, nil
+}
+
+// serveCold handles a whole-blob GET that neither this node nor any peer
+// can serve: it asks the blob's coordinator. When this node is to fetch
+// the blob, it returns errNoPeer (the caller sends the 404 that sends
+// containerd upstream) and follows the download; when another node
+// fetches it, the download in progress is relayed from that node.
+func (h *Handler) serveCold(w http.ResponseWriter, r *http.Request, f *peerFetcher, req ociRequest) error {
+	router := h.app.router.Load()
+	if router == nil {
+		return errNoPeer
+	}
+	c, err := h.app.askClaim(r.Context(), f, router, req.digest, false)
+	if err != nil {
+		h.logger.Debug("cold pull coordination failed", zap.String("digest", req.digest.String()), zap.Error(err))
+		return fmt.Errorf("%w: no coordinator: %v", errNoPeer, err)
+	}
+	if c.Granted {
+		h.logger.Debug("fetching from upstream for the cluster", zap.String("digest", req.digest.String()))
+		followFetch(h.app, f, router, req.digest)
+		return fmt.Errorf("%w: this node fetches it from upstream for the cluster", errNoPeer)
+	}
+	h.logger.Debug("following another node's download", zap.String("digest", req.digest.String()),
+		zap.String("fetcher", c.Fetcher))
+	ch := make(chan peerCandidate, 1)
+	ch <- peerCandidate{id: c.Fetcher, url: c.URL}
+	close(ch)
+	cands := newCandidates(ch, f.bad)
+	preq := peerRequest{method: http.MethodGet, path: peerPath(req), ingest: true}
+	key := req.digest.String()
+	check := func(resp *http.Response) error {
+		if got := resp.Header.Get("Docker-Content-Digest"); got != key {
+			return fmt.Errorf("fetcher sent Docker-Content-Digest %q for %s", got, key)
+		}
+		if resp.ContentLength < 0 {
+			return errors.New("fetcher sent no Content-Length")
+		}
+		return nil
+	}
+	res, err := f.open(r.Context(), cands, preq, f.resolveTimeout, check)
+	if err != nil {
+		return err
+	}
+	size := res.resp.ContentLength
+	body := newPeerBody(f, r.Context(), cands, preq, check, res, 0, size)
+	defer body.Close()
+	return h.streamVerified(w, r, f, body, res, req.digest, size)
+}
+
+// following is the set of digests this node is fetching for the cluster.
+var following sync.Map
+
+// followFetch renews this node's claim on d while its containerd
+// downloads d, and gives the claim up when the download is committed,
+// fails, stalls or never starts.
+func followFetch(a *App, f *peerFetcher, r *dht.Router, d digest.Digest) {
+	if _, busy := following.LoadOrStore(d, true); busy {
+		return
+	}
+	store := a.Store()
+	go func() {
+		defer following.Delete(d)
+		ctx, cancel := context.WithTimeout(context.Background(), 6*time.Hour) // bounds a lost download
+		defer cancel()
+		start := time.Now()
+		var last int64 = -1
+		lastGrowth := time.Now()
+		seen := false
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		outcome := "committed"
+		for range tick.C {
+			in, err := store.FindIngest(ctx, d)
+			now := time.Now()
+			if err == nil {
+				seen = true
+				if in.Offset != last {
+					last, lastGrowth = in.Offset, now
+				}
+				if now.Sub(lastGrowth) > ingestStall {
+					outcome = "stalled"
+					break
+				}
+				if _, err := a.askClaim(ctx, f, r, d, false); err != nil {
+					a.logger.Debug("renewing a claim", zap.String("digest", d.String()), zap.Error(err))
+				}
+				continue
+			}
+			if _, derr := store.Descriptor(ctx, d); derr == nil {
+				break // committed
+			}
+			if seen {
+				outcome = "failed"
+				break
+			}
+			if now.Sub(start) > ingestStartWait {
+				outcome = "never started"
+				break
+			}
+		}
+		if _, err := a.askClaim(ctx, f, r, d, true); err != nil {
+			a.logger.Debug("releasing a claim", zap.String("digest", d.String()), zap.Error(err))
+		}
+		a.logger.Debug("cold pull for the cluster ended", zap.String("digest", d.String()),
+			zap.String("outcome", outcome), zap.Duration("took", time.Since(start)))
+	}()
+}
+
+// serveIngest answers a node that follows this node's download of a blob
+// that is not committed yet: it waits for containerd to start the
+// download and streams it as containerd writes it. It returns an error
+// wrapping contentstore.ErrNotFound when there is no such download.
+func (h *Handler) serveIngest(w http.ResponseWriter, r *http.Request, store *contentstore.Store, req ociRequest) error {
+	ctx := r.Context()
+	deadline := time.Now().Add(ingestStartWait)
+	var in contentstore.Ingest
+	var err error
+	for {
+		in, err = store.FindIngest(ctx, req.digest)
+		if err == nil {
+			break
+		}
+		// committed meanwhile: the usual path serves it
+		if _, derr := store.Descriptor(ctx, req.digest); derr == nil {
+			return h.serveBlob(w, r, store, req)
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	file, err := store.OpenIngest(in)
+	if err != nil {
+		if _, derr := store.Descriptor(ctx, req.digest); derr == nil {
+			return h.serveBlob(w, r, store, req) // committed meanwhile
+		}
+		return err
+	}
+	rd := contentstore.NewIngestReader(ctx, file, in.Total, ingestStall)
+	defer rd.Close()
+	hdr := w.Header()
+	hdr.Set("Content-Type", contentstore.MediaTypeOctetStream)
+	hdr.Set("Content-Length", fmt.Sprint(in.Total))
+	hdr.Set("Docker-Content-Digest", req.digest.String())
+	hdr.Set(headerSource, "ingest")
+	w.WriteHeader(http.StatusOK)
+	h.logger.Debug("streaming a download in progress", zap.String("digest", req.digest.String()),
+		zap.Int64("written", in.Offset), zap.Int64("total", in.Total))
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	n, err := io.CopyBuffer(writerOnly{w}, rd, *bp)
+	if err != nil {
+		h.logger.Warn("streaming a download in progress failed; response cut",
+			zap.String("digest", req.digest.String()), zap.Int64("sent", n), zap.Error(err))
+	}
+	return nil
+}
