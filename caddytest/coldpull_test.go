@@ -22,7 +22,9 @@ func slowUpstream(t *testing.T, c *netnsCluster, rate int) *testenv.FaultProxy {
 	const piece = 32 << 10
 	p.SetFault(t, testenv.Fault{Mode: testenv.FaultTrickle, TrickleBytes: piece,
 		TrickleEvery: time.Second * piece / time.Duration(rate),
-		Match: func(r *http.Request) bool { return r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/") }})
+		Match: func(r *http.Request) bool {
+			return r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/")
+		}})
 	c.upstream = p.URL
 	return p
 }
