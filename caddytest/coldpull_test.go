@@ -4,29 +4,48 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/peermirror/peermirror/dht"
 	"github.com/peermirror/peermirror/internal/testenv"
 )
 
-// slowUpstream puts a proxy in front of the cluster's registry that sends
-// blobs at about rate bytes per second, so downloads last long enough for
-// other nodes to follow them, and makes the nodes pull through it.
-func slowUpstream(t *testing.T, c *netnsCluster, rate int) *testenv.FaultProxy {
+// slowProxy starts a proxy in front of reg that sends blobs at about
+// rate bytes per second, so downloads last long enough for other nodes to
+// follow them.
+func slowProxy(t *testing.T, reg *testenv.Registry, rate int) *testenv.FaultProxy {
 	t.Helper()
 	p := testenv.StartFaultProxy(t)
-	p.SetTarget(t, c.reg.URL)
+	p.SetTarget(t, reg.URL)
 	const piece = 32 << 10
 	p.SetFault(t, testenv.Fault{Mode: testenv.FaultTrickle, TrickleBytes: piece,
 		TrickleEvery: time.Second * piece / time.Duration(rate),
 		Match: func(r *http.Request) bool {
 			return r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/")
 		}})
+	return p
+}
+
+// slowUpstream makes the cluster's nodes pull through a slowProxy.
+func slowUpstream(t *testing.T, c *netnsCluster, rate int) *testenv.FaultProxy {
+	t.Helper()
+	p := slowProxy(t, c.reg, rate)
 	c.upstream = p.URL
 	return p
+}
+
+// blobCopies returns the copies of img's blobs that counts add up to.
+func blobCopies(img testenv.Image, counts map[digest.Digest]int) float64 {
+	var total, served int64
+	for _, d := range append([]digest.Digest{img.Configs[0]}, img.Layers...) {
+		total += img.Sizes[d]
+		served += int64(counts[d]) * img.Sizes[d]
+	}
+	return float64(served) / float64(total)
 }
 
 // upstreamBlobs counts the whole blob GETs the upstream answered with 200,
@@ -89,12 +108,7 @@ func coldStorm(t *testing.T, n int, coordinate bool) ([]*node, testenv.Image, ma
 		checkImage(t, n.Ctrd, img)
 	}
 	counts := upstreamBlobs(up)
-	var total, served int64
-	for _, d := range append([]digest.Digest{img.Configs[0]}, img.Layers...) {
-		total += img.Sizes[d]
-		served += int64(counts[d]) * img.Sizes[d]
-	}
-	copies := float64(served) / float64(total)
+	copies := blobCopies(img, counts)
 	t.Logf("upstream sent %.2f copies of the image's blobs", copies)
 	return nodes, img, counts, copies
 }
@@ -158,5 +172,129 @@ func TestNetnsColdStormOff(t *testing.T) {
 	_, _, _, copies := coldStorm(t, 10, false)
 	if copies < 2 {
 		t.Errorf("without coordination the upstream sent only %.2f copies: the storm did not happen", copies)
+	}
+}
+
+// TestNetnsColdFetcherKilled: four nodes pull an image none holds, from a
+// slow upstream; once the others follow the fetcher's download, the
+// fetcher (Caddy and containerd) is killed. The others' pulls end with the
+// right image, retrying as the kubelet does, from upstream after a fast
+// fallback or from a new fetcher, within a stated bound.
+func TestNetnsColdFetcherKilled(t *testing.T) {
+	skipNetns(t)
+	c := newNetnsCluster(t, testenv.NetworkOptions{Family: testenv.IPv4}, testenv.NodeOptions{})
+	slowUpstream(t, c, 2<<20)
+	img := c.reg.PushRandomImage(t, "team/stormkill", "v1", 1, 8<<20) // about 4 s from upstream
+	layer := img.Layers[0]
+	nodes := c.addNodes(t, "k0", "k1", "k2", "k3")
+	waitFullMesh(t, nodes)
+
+	type result struct {
+		n        *node
+		attempts int
+		err      error
+		end      time.Time
+	}
+	results := make(chan result, len(nodes))
+	for _, n := range nodes {
+		go func(n *node) {
+			r := result{n: n}
+			for r.attempts < 8 { // the kubelet retries with backoff; here a second apart
+				r.attempts++
+				out, err := n.Ctrd.Ctr(t, "images", "pull", "--hosts-dir", n.Ctrd.CertsDir, img.Ref(upstreamHost))
+				if r.err = err; err == nil {
+					break
+				}
+				r.err = fmt.Errorf("%v: %s", err, lastLines(out, 3))
+				time.Sleep(time.Second)
+			}
+			r.end = time.Now()
+			results <- r
+		}(n)
+	}
+
+	// the fetcher, once another node streams its download
+	var fetcher *node
+	deadline := time.Now().Add(60 * time.Second) // hang detector
+	for fetcher == nil {
+		for _, n := range nodes {
+			if len(n.Mirror.LogLines(`"msg":"streaming a download in progress"`, layer.String())) > 0 {
+				fetcher = n
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no node streamed its download of the layer")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(500 * time.Millisecond) // well into the download
+	killed := time.Now()
+	fetcher.Mirror.Kill(t)
+	fetcher.Ctrd.Kill(t)
+	t.Logf("killed %s, the fetcher, mid-download", fetcher.Name)
+
+	for range nodes {
+		r := <-results
+		if r.n == fetcher {
+			continue
+		}
+		if r.err != nil {
+			t.Errorf("%s: %d pulls failed, the last: %v", r.n.Name, r.attempts, r.err)
+			continue
+		}
+		took := r.end.Sub(killed)
+		t.Logf("%s: pulled in %d attempts, %s after the kill", r.n.Name, r.attempts, took.Round(time.Millisecond))
+		if took > 60*time.Second { // hang detector; expected: seconds
+			t.Errorf("%s took %s after the kill", r.n.Name, took)
+		}
+		checkImage(t, r.n.Ctrd, img)
+	}
+}
+
+// TestColdPullSmallClusters: with coordination on, a lone node pulls as
+// before (it is its own coordinator and fetches everything itself), and
+// two nodes pulling at once get the image's blobs from upstream once.
+func TestColdPullSmallClusters(t *testing.T) {
+	skipShort(t)
+	reg := testenv.StartRegistry(t)
+	up := slowProxy(t, reg, 16<<20)
+	one := reg.PushRandomImage(t, "team/cold1", "v1", 2, 2<<20)
+	two := reg.PushRandomImage(t, "team/cold2", "v1", 2, 4<<20)
+	a := testenv.StartNode(t, "A", upstreamHost, up.URL, testenv.NodeOptions{})
+
+	start := time.Now()
+	a.Ctrd.PullRef(t, one.Ref(upstreamHost))
+	checkImage(t, a.Ctrd, one)
+	t.Logf("a lone node pulled in %s", time.Since(start).Round(time.Millisecond))
+	if copies := blobCopies(one, upstreamBlobs(up)); copies != 1 {
+		t.Errorf("a lone node's pull: %.2f copies from upstream, want 1", copies)
+	}
+	for _, d := range one.Layers {
+		if len(a.Mirror.LogLines(`"msg":"fetching from upstream for the cluster"`, d.String())) == 0 {
+			t.Errorf("the lone node did not coordinate its own pull of %s", d)
+		}
+	}
+
+	b := testenv.StartNode(t, "B", upstreamHost, up.URL,
+		testenv.NodeOptions{Bootstrap: []string{a.Mirror.URL + dht.PeerListPath}})
+	waitFullMesh(t, []*node{a, b})
+	start = time.Now()
+	var wg sync.WaitGroup
+	for _, n := range []*node{a, b} {
+		wg.Add(1)
+		go func(n *node) {
+			defer wg.Done()
+			if out, err := n.Ctrd.Ctr(t, "images", "pull", "--hosts-dir", n.Ctrd.CertsDir, two.Ref(upstreamHost)); err != nil {
+				t.Errorf("%s: %v\n%s", n.Name, err, out)
+			}
+		}(n)
+	}
+	wg.Wait()
+	t.Logf("two nodes pulled at once in %s", time.Since(start).Round(time.Millisecond))
+	for _, n := range []*node{a, b} {
+		checkImage(t, n.Ctrd, two)
+	}
+	if copies := blobCopies(two, upstreamBlobs(up)); copies > 1.2 {
+		t.Errorf("two nodes: %.2f copies from upstream, want at most 1.2", copies)
 	}
 }
