@@ -68,6 +68,9 @@ demo: tools build
 ## bench: throughput of blob GETs from the local store and through a peer
 bench: tools build
 	PEERMIRROR_CADDY=$(CADDY) $(GO) test -run '^$$' -bench . -benchtime 5x -timeout 20m ./bench/
+	@PEERMIRROR_CADDY=$(CADDY) PEERMIRROR_BENCH_COLD=1 $(GO) test -run '^TestColdStormTable$$' -count 1 -v -timeout 20m \
+		./caddytest >bin/cold-storms.log 2>&1 || { tail -50 bin/cold-storms.log; exit 1; }
+	@grep -E '^ +\||cold storms' bin/cold-storms.log | sed 's/^ *//'
 
 ## chart: helm lint and helm template of the chart, with the default and the GPU values
 chart: tools

@@ -3,6 +3,8 @@ package caddytest
 import (
 	"fmt"
 	"net/http"
+	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -85,6 +87,13 @@ func waitFullMesh(t *testing.T, nodes []*node) {
 // once. It returns the nodes, the image, the upstream's blob counts and
 // the copies of the image's blobs the upstream sent.
 func coldStorm(t *testing.T, n int, coordinate bool) ([]*node, testenv.Image, map[digest.Digest]int, float64) {
+	nodes, img, counts, copies, _ := coldStormTimed(t, n, coordinate)
+	return nodes, img, counts, copies
+}
+
+// coldStormTimed is coldStorm that also returns each node's pull time.
+func coldStormTimed(t *testing.T, n int, coordinate bool) ([]*node, testenv.Image, map[digest.Digest]int, float64,
+	map[string]time.Duration) {
 	t.Helper()
 	opts := testenv.NodeOptions{}
 	if !coordinate {
@@ -110,7 +119,7 @@ func coldStorm(t *testing.T, n int, coordinate bool) ([]*node, testenv.Image, ma
 	counts := upstreamBlobs(up)
 	copies := blobCopies(img, counts)
 	t.Logf("upstream sent %.2f copies of the image's blobs", copies)
-	return nodes, img, counts, copies
+	return nodes, img, counts, copies, times
 }
 
 // TestNetnsColdStorm: ten nodes pull the same image, which none holds, at
@@ -297,4 +306,38 @@ func TestColdPullSmallClusters(t *testing.T) {
 	if copies := blobCopies(two, upstreamBlobs(up)); copies > 1.2 {
 		t.Errorf("two nodes: %.2f copies from upstream, want at most 1.2", copies)
 	}
+}
+
+// TestColdStormTable is a benchmark run by make bench (with
+// PEERMIRROR_BENCH_COLD=1): storms of 1, 3 and 10 nodes, with cold pull
+// coordination on and off, as a markdown table of upstream copies and
+// per-node pull times.
+func TestColdStormTable(t *testing.T) {
+	if os.Getenv("PEERMIRROR_BENCH_COLD") == "" {
+		t.Skip("a benchmark: set PEERMIRROR_BENCH_COLD=1 (make bench does)")
+	}
+	skipNetns(t)
+	var rows []string
+	for _, n := range []int{1, 3, 10} {
+		for _, on := range []bool{true, false} {
+			var copies float64
+			var times map[string]time.Duration
+			t.Run(fmt.Sprintf("%d-nodes-coordination-%v", n, on), func(t *testing.T) {
+				_, _, _, copies, times = coldStormTimed(t, n, on)
+			})
+			var d []time.Duration
+			for _, v := range times {
+				d = append(d, v)
+			}
+			slices.Sort(d)
+			if len(d) == 0 {
+				continue
+			}
+			q := func(p float64) time.Duration { return d[min(len(d)-1, int(p*float64(len(d))))] }
+			rows = append(rows, fmt.Sprintf("| %d | %v | %.2f | %.2f | %.2f |", n, on, copies, q(0.5).Seconds(), q(0.99).Seconds()))
+		}
+	}
+	t.Logf("cold storms: one image (4 x 4 MiB layers), every node pulling at once from an upstream sending 8 MiB/s per blob\n\n"+
+		"| nodes | coordination | upstream copies | pull p50 (s) | pull p99 (s) |\n| --- | --- | --- | --- | --- |\n%s\n",
+		strings.Join(rows, "\n"))
 }
