@@ -52,6 +52,10 @@ const ingestStartWait = 5 * time.Second
 // the readers following it give up (and their nodes fall back upstream).
 const ingestStall = 2 * time.Second
 
+// claimTimeout bounds a claim request: one round trip between nodes, so a
+// silent coordinator costs a cold miss no more than this before its 404.
+const claimTimeout = 500 * time.Millisecond
+
 // maxClaims bounds the claims a coordinator holds.
 const maxClaims = 16384
 
@@ -189,7 +193,7 @@ func (a *App) askClaim(ctx context.Context, f *peerFetcher, r *dht.Router, d dig
 		}
 		return claims.take(d, self, "", time.Now())
 	}
-	ctx, cancel := context.WithTimeout(ctx, f.stallTimeout)
+	ctx, cancel := context.WithTimeout(ctx, min(f.stallTimeout, claimTimeout))
 	defer cancel()
 	u := coord.MirrorURL + claimsPath + d.String()
 	if done {
@@ -243,15 +247,18 @@ func (h *Handler) serveCold(w http.ResponseWriter, r *http.Request, f *peerFetch
 	c, err := h.app.askClaim(r.Context(), f, router, req.digest, false)
 	if err != nil {
 		h.logger.Debug("cold pull coordination failed", zap.String("digest", req.digest.String()), zap.Error(err))
+		metrics.cold.WithLabelValues("uncoordinated").Inc()
 		return fmt.Errorf("%w: no coordinator: %v", errNoPeer, err)
 	}
 	if c.Granted {
 		h.logger.Debug("fetching from upstream for the cluster", zap.String("digest", req.digest.String()))
+		metrics.cold.WithLabelValues("fetcher").Inc()
 		followFetch(h.app, f, router, req.digest)
 		return fmt.Errorf("%w: this node fetches it from upstream for the cluster", errNoPeer)
 	}
 	h.logger.Debug("following another node's download", zap.String("digest", req.digest.String()),
 		zap.String("fetcher", c.Fetcher))
+	metrics.cold.WithLabelValues("follower").Inc()
 	ch := make(chan peerCandidate, 1)
 	ch <- peerCandidate{id: c.Fetcher, url: c.URL}
 	close(ch)
@@ -374,6 +381,7 @@ func (h *Handler) serveIngest(w http.ResponseWriter, r *http.Request, store *con
 	hdr.Set("Docker-Content-Digest", req.digest.String())
 	hdr.Set(headerSource, "ingest")
 	w.WriteHeader(http.StatusOK)
+	metrics.cold.WithLabelValues("streamed").Inc()
 	h.logger.Debug("streaming a download in progress", zap.String("digest", req.digest.String()),
 		zap.Int64("written", in.Offset), zap.Int64("total", in.Total))
 	bp := copyBufs.Get().(*[]byte)

@@ -23,6 +23,7 @@ var metrics = struct {
 	advertised     *prometheus.GaugeVec
 	peers          prometheus.GaugeFunc
 	containerd     prometheus.GaugeFunc
+	cold           *prometheus.CounterVec
 }{
 	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "peermirror",
@@ -69,6 +70,13 @@ var metrics = struct {
 		}
 		return 0
 	}),
+	cold: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "peermirror",
+		Name:      "cold_pulls_total",
+		Help: "Blobs no node held, by how this node took part: fetcher (went upstream for the cluster), " +
+			"follower (streamed another node's download), streamed (served its own download to a follower), " +
+			"uncoordinated (no coordinator answered).",
+	}, []string{"role"}),
 	containerd: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Namespace: "peermirror",
 		Name:      "containerd_connected",
@@ -94,7 +102,7 @@ func registerMetrics(reg prometheus.Registerer) error {
 		return nil
 	}
 	for _, c := range []prometheus.Collector{metrics.requests, metrics.bytes, metrics.lookup,
-		metrics.peerFetch, metrics.peerThroughput, metrics.advertised, metrics.peers, metrics.containerd} {
+		metrics.peerFetch, metrics.peerThroughput, metrics.advertised, metrics.peers, metrics.containerd, metrics.cold} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {
