@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"context"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -38,7 +39,10 @@ type advertiser struct {
 	// one walk; any content event or full re-list empties it
 	walks  map[digest.Digest][]string
 	images map[string][]string // image name -> its keys
-	refs   map[string]int      // key -> number of images that hold it
+	// refs is written by the advertiser's goroutine only, under mu, and
+	// read by has from request goroutines
+	mu   sync.RWMutex
+	refs map[string]int // key -> number of images that hold it
 	// advertised is len(refs), readable from other goroutines
 	advertised atomic.Int64
 	tags       int // keys in refs that are image references
@@ -194,6 +198,7 @@ func (a *advertiser) full(ctx context.Context) {
 func (a *advertiser) set(name string, keys []string) {
 	old := a.images[name]
 	var add, drop []string
+	a.mu.Lock()
 	for _, k := range keys {
 		if a.refs[k] == 0 {
 			add = append(add, k)
@@ -209,6 +214,7 @@ func (a *advertiser) set(name string, keys []string) {
 			a.tags -= isTagKey(k)
 		}
 	}
+	a.mu.Unlock()
 	a.advertised.Store(int64(len(a.refs)))
 	metrics.advertised.WithLabelValues("tag").Set(float64(a.tags))
 	metrics.advertised.WithLabelValues("digest").Set(float64(len(a.refs) - a.tags))
@@ -231,6 +237,13 @@ func isTagKey(k string) int {
 		return 0
 	}
 	return 1
+}
+
+// has reports whether key is advertised.
+func (a *advertiser) has(key string) bool {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	return a.refs[key] > 0
 }
 
 // count returns how many keys are advertised.

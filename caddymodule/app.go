@@ -85,6 +85,25 @@ type App struct {
 	// Default: true. Caddyfile: `coordinate_pulls false`.
 	CoordinatePulls *bool `json:"coordinate_pulls,omitempty"`
 
+	// PrivateRegistries lists registries (as containerd names them in
+	// `ns`) whose images stay off the peer path entirely: they are not
+	// advertised, a miss for them is not looked up among peers, and other
+	// nodes get from this node only what it advertises. Caddyfile:
+	// `private_registries <host...>`.
+	PrivateRegistries []string `json:"private_registries,omitempty"`
+
+	// MaxUploads caps the requests from other nodes served at once; a
+	// node at its cap answers 503 at once, so the asking node tries
+	// another peer. Default: 0, no cap. Caddyfile: `max_uploads`.
+	MaxUploads int `json:"max_uploads,omitempty"`
+
+	// UploadRate caps the bytes per second served to other nodes, all
+	// uploads together. Default: 0, no cap. Caddyfile: `upload_rate`,
+	// with units such as 100MB or 1GiB.
+	UploadRate int64 `json:"upload_rate,omitempty"`
+
+	private    map[string]bool
+	uploads    *uploadLimits
 	storeCfg   contentstore.Config
 	poolKey    string
 	registries map[string]bool
@@ -167,6 +186,17 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err := a.provisionFilters(); err != nil {
 		return err
 	}
+	a.private = make(map[string]bool, len(a.PrivateRegistries))
+	for _, r := range a.PrivateRegistries {
+		if err := validRegistry(r); err != nil {
+			return fmt.Errorf("private_%w", err)
+		}
+		a.private[r] = true
+	}
+	if a.MaxUploads < 0 || a.UploadRate < 0 {
+		return errors.New("max_uploads and upload_rate must not be negative")
+	}
+	a.uploads = newUploadLimits(a.MaxUploads, a.UploadRate)
 	if a.ResolveTimeout == 0 {
 		a.ResolveTimeout = caddy.Duration(50 * time.Millisecond)
 	}
@@ -214,6 +244,32 @@ func (a *App) filtered(ref string) bool {
 	return false
 }
 
+// sharesWithPeers reports whether a request from another node for req
+// may be served: with private registries set, only what this node
+// advertises is (so private content never leaves it, even asked by
+// digest), nothing of a private registry, and downloads in progress
+// (ingest) only for a registry named and not private.
+func (a *App) sharesWithPeers(req ociRequest, ingest bool) bool {
+	if len(a.private) == 0 {
+		return true
+	}
+	if a.private[req.registry] {
+		return false
+	}
+	if ingest && req.registry != "" {
+		return true // a cold pull of a registry that is not private
+	}
+	adv := a.advertiser.Load()
+	if adv == nil {
+		return false
+	}
+	key := req.ref()
+	if req.tag == "" {
+		key = req.digest.String()
+	}
+	return adv.has(key)
+}
+
 // coordinates reports whether cold pulls are coordinated.
 func (a *App) coordinates() bool {
 	return a.DHT != nil && (a.CoordinatePulls == nil || *a.CoordinatePulls)
@@ -229,7 +285,7 @@ func (a *App) peers() *peerFetcher { return a.fetcher.Load() }
 // advertisable reports whether img's keys may go into the DHT: its
 // registry is mirrored and no reference filter matches it.
 func (a *App) advertisable(img contentstore.Image) bool {
-	if img.Ref == nil || !a.Mirrors(reference.Domain(img.Ref)) {
+	if img.Ref == nil || !a.Mirrors(reference.Domain(img.Ref)) || a.private[reference.Domain(img.Ref)] {
 		return false
 	}
 	return !a.filtered(img.Name)

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"math"
 	"strconv"
 
 	"github.com/caddyserver/caddy/v2"
@@ -8,6 +9,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
 )
 
 func init() {
@@ -78,12 +80,33 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					return d.ArgErr()
 				}
 			}
-		case "registries":
+		case "registries", "private_registries":
+			key := d.Val()
 			args := d.RemainingArgs()
 			if len(args) == 0 {
 				return d.ArgErr()
 			}
-			a.Registries = append(a.Registries, args...)
+			if key == "registries" {
+				a.Registries = append(a.Registries, args...)
+			} else {
+				a.PrivateRegistries = append(a.PrivateRegistries, args...)
+			}
+		case "max_uploads":
+			n, err := intArg(d)
+			if err != nil {
+				return err
+			}
+			a.MaxUploads = n
+		case "upload_rate":
+			var raw string
+			if !d.AllArgs(&raw) {
+				return d.ArgErr()
+			}
+			n, err := humanize.ParseBytes(raw)
+			if err != nil || n > math.MaxInt64 {
+				return d.Errf("upload_rate: %q is not a number of bytes per second, such as 100MB", raw)
+			}
+			a.UploadRate = int64(n)
 		case "dht":
 			if d.NextArg() {
 				return d.ArgErr()

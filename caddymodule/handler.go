@@ -127,8 +127,24 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		h.miss(w, r, req, "reference "+req.ref()+" is filtered out: it is always pulled from its registry")
 		return nil
 	}
-	// a request from another node is served from this store only
+	// a request from another node is served from this store only, and
+	// only what this node shares, within its upload limits
 	forwarded := r.Header.Get(headerForwarded) != ""
+	if forwarded {
+		if !h.app.sharesWithPeers(req, r.Header.Get(headerIngest) != "") {
+			h.miss(w, r, req, "not shared with other nodes (a private registry, or not advertised here)")
+			return nil
+		}
+		if !h.app.uploads.acquire() {
+			source = "busy"
+			w.Header().Set("Retry-After", "1")
+			writeError(w, r, http.StatusServiceUnavailable, codeTooMany, "this node serves as many peers as it may at once")
+			h.logger.Debug("upload refused: at the cap", zap.String("uri", r.RequestURI))
+			return nil
+		}
+		defer h.app.uploads.release()
+		cw.ResponseWriter = h.app.uploads.writer(cw.ResponseWriter, r)
+	}
 
 	source = "local"
 	err := errNotStarted
@@ -152,7 +168,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			err = nil
 		}
 	}
-	if err != nil && !errors.Is(err, errWrongKind) && !forwarded && isMiss(err) {
+	if err != nil && !errors.Is(err, errWrongKind) && !forwarded && isMiss(err) && !h.app.private[req.registry] {
 		if f := h.app.peers(); f != nil && (req.tag == "" || h.app.resolvesTags()) {
 			source = "peer"
 			clearContentHeaders(w.Header())

@@ -18,6 +18,7 @@ const (
 	codeUnsupported     = "UNSUPPORTED"
 	codeRangeInvalid    = "RANGE_INVALID"
 	codeInternal        = "INTERNAL_ERROR"
+	codeTooMany         = "TOOMANYREQUESTS"
 )
 
 // ociErrors is the body of an OCI error response.

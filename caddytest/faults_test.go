@@ -198,6 +198,8 @@ func TestFaultPeers(t *testing.T) {
 	waitSource(t, c, blobPath, b.id)
 	waitSource(t, c, tagPath, b.id)
 	b.proxy.SetFault(t, slowB)
+	leaks := leakCheck(t, c)
+	defer leaks()
 
 	cases := []struct {
 		mode       testenv.FaultMode
@@ -295,6 +297,8 @@ func TestConcurrentRanges(t *testing.T) {
 	// is in the DHT (B is A's only peer) without asking B
 	waitLog(t, a.Mirror, `"msg":"provided key"`, layer.String())
 	size := int64(len(want))
+	leaks := leakCheck(t, b)
+	defer leaks()
 
 	type rng struct {
 		header   string
@@ -513,6 +517,8 @@ func TestWrongBytesPull(t *testing.T) {
 	waitSource(t, d, bothPath, b.id)
 	b.proxy.SetFault(t, testenv.Fault{Mode: testenv.FaultPass, Match: isWhole, Delay: 700 * time.Millisecond})
 	a.proxy.SetFault(t, testenv.Fault{Mode: testenv.FaultFlipByte, FlipAt: 5 << 20, Match: flip(both.Layers[0])})
+	leaks := leakCheck(t, d)
+	defer leaks()
 	seenA, seenB := len(a.proxy.Requests()), len(b.proxy.Requests())
 	failed := pullUntil(t, d, both.Ref(upstreamHost), 5, both.Layers[0])
 	t.Logf("D: %d failed pulls before success; A was asked %v; B was asked %v", len(failed),

@@ -132,6 +132,9 @@ func TestReloadDuringPulls(t *testing.T) {
 	waitServable(t, b, tagPath(img))
 	idA, idB := peerID(t, a), peerID(t, b)
 	before := len(contentRequests(reg))
+	leaksA, leaksB := leakCheck(t, a), leakCheck(t, b)
+	defer leaksA()
+	defer leaksB()
 
 	var wg sync.WaitGroup
 	var mu sync.Mutex
