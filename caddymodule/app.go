@@ -4,6 +4,7 @@
 package caddymodule
 
 import (
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"regexp"
@@ -92,6 +93,13 @@ type App struct {
 	// `private_registries <host...>`.
 	PrivateRegistries []string `json:"private_registries,omitempty"`
 
+	// PeerAuth, when set, is sent as HTTP basic authentication with every
+	// request to another node's mirror, for mirrors behind Caddy's
+	// basic_auth (on /v2/* only: bootstrap and coordination paths stay
+	// open). Placeholders such as {env.PEER_PASSWORD} are replaced at
+	// load. Caddyfile: `peer_auth <user> <password>`.
+	PeerAuth *PeerAuth `json:"peer_auth,omitempty"`
+
 	// MaxUploads caps the requests from other nodes served at once; a
 	// node at its cap answers 503 at once, so the asking node tries
 	// another peer. Default: 0, no cap. Caddyfile: `max_uploads`.
@@ -103,6 +111,7 @@ type App struct {
 	UploadRate int64 `json:"upload_rate,omitempty"`
 
 	private    map[string]bool
+	peerAuth   string // Authorization header value for other nodes, or ""
 	uploads    *uploadLimits
 	storeCfg   contentstore.Config
 	poolKey    string
@@ -116,6 +125,12 @@ type App struct {
 	store          atomic.Pointer[contentstore.Store]
 	release        sync.Once
 	logger         *zap.Logger
+}
+
+// PeerAuth is the basic authentication sent to other nodes' mirrors.
+type PeerAuth struct {
+	Username string `json:"username"`
+	Password string `json:"password"`
 }
 
 // ContainerdConfig locates containerd and the content it keeps.
@@ -197,6 +212,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return errors.New("max_uploads and upload_rate must not be negative")
 	}
 	a.uploads = newUploadLimits(a.MaxUploads, a.UploadRate)
+	if a.PeerAuth != nil {
+		repl := caddy.NewReplacer()
+		user, pass := repl.ReplaceKnown(a.PeerAuth.Username, ""), repl.ReplaceKnown(a.PeerAuth.Password, "")
+		if user == "" || strings.Contains(user, ":") {
+			return errors.New("peer_auth: a user name is required, without a colon")
+		}
+		a.peerAuth = "Basic " + base64.StdEncoding.EncodeToString([]byte(user+":"+pass))
+	}
 	if a.ResolveTimeout == 0 {
 		a.ResolveTimeout = caddy.Duration(50 * time.Millisecond)
 	}

@@ -91,6 +91,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			} else {
 				a.PrivateRegistries = append(a.PrivateRegistries, args...)
 			}
+		case "peer_auth":
+			var user, pass string
+			if !d.AllArgs(&user, &pass) {
+				return d.ArgErr()
+			}
+			a.PeerAuth = &PeerAuth{Username: user, Password: pass}
 		case "max_uploads":
 			n, err := intArg(d)
 			if err != nil {

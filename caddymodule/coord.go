@@ -205,6 +205,9 @@ func (a *App) askClaim(ctx context.Context, f *peerFetcher, r *dht.Router, d dig
 	}
 	req.Header.Set(headerForwarded, peerProtocolVersion)
 	req.Header.Set(headerNode, self)
+	if f.auth != "" {
+		req.Header.Set("Authorization", f.auth)
+	}
 	resp, err := f.client.Do(req)
 	if err != nil {
 		return claim{}, fmt.Errorf("asking coordinator %s: %w", coord.ID, err)

@@ -112,8 +112,10 @@ func (a *App) startP2P() error {
 		}
 	}
 	a.router.Store(r)
-	a.fetcher.Store(newPeerFetcher(routerResolver{r}, time.Duration(a.ResolveTimeout), time.Duration(a.HedgeDelay),
-		time.Duration(a.PeerTimeout), a.MaxPeers, a.logger.Named("peers")))
+	f := newPeerFetcher(routerResolver{r}, time.Duration(a.ResolveTimeout), time.Duration(a.HedgeDelay),
+		time.Duration(a.PeerTimeout), a.MaxPeers, a.logger.Named("peers"))
+	f.auth = a.peerAuth
+	a.fetcher.Store(f)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})

@@ -61,6 +61,9 @@ type peerFetcher struct {
 	bad    *peerSet     // peers that sent bytes not matching the digest
 	recent *recentPeers // peers lookups found lately, by key
 
+	// auth is the Authorization header sent to other nodes, or ""
+	auth string
+
 	// coldClient asks a node for its download in progress: it waits
 	// longer for the answer, while that node's containerd starts it
 	coldClient *http.Client
@@ -403,6 +406,9 @@ func (f *peerFetcher) send(ctx context.Context, p peerCandidate, req peerRequest
 	}
 	hreq.Header.Set(headerForwarded, peerProtocolVersion)
 	hreq.Header.Set("Accept", "*/*")
+	if f.auth != "" {
+		hreq.Header.Set("Authorization", f.auth)
+	}
 	if req.rng != "" {
 		hreq.Header.Set("Range", req.rng)
 	}

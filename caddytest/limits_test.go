@@ -2,6 +2,7 @@ package caddytest
 
 import (
 	"context"
+	"encoding/base64"
 	"io"
 	"net/http"
 	"strings"
@@ -117,4 +118,62 @@ func TestUploadLimits(t *testing.T) {
 	if rate > 4.5e6 {
 		t.Errorf("upload_rate 4MB let a peer get %.1f MB/s", rate/1e6)
 	}
+}
+
+// TestPeerAuth: the nodes' mirrors sit behind Caddy's basic_auth on their
+// content paths. With peer_auth set to the credentials, B's mirror gets A's layer
+// from A; a node without it gets A's 401 and falls back to a 404.
+func TestPeerAuth(t *testing.T) {
+	skipShort(t)
+	hash, err := testenv.RunCaddy(t, "hash-password", "--plaintext", "s3cret")
+	if err != nil {
+		t.Fatalf("caddy hash-password: %v\n%s", err, hash)
+	}
+	// content only: /v2/ itself stays open for the harness's readiness check
+	site := "\t@content path_regexp ^/v2/.+\n\tbasic_auth @content {\n\t\tpeer " + strings.TrimSpace(hash) + "\n\t}\n"
+	reg := testenv.StartRegistry(t)
+	img := reg.PushRandomImage(t, "team/auth", "v1", 1, 1<<20)
+	opts := testenv.NodeOptions{SiteExtra: site, Extra: "peer_auth peer s3cret"}
+	a := testenv.StartNode(t, "A", upstreamHost, reg.URL, opts)
+	opts.Bootstrap = []string{a.Mirror.URL + dht.PeerListPath}
+	b := testenv.StartNode(t, "B", upstreamHost, reg.URL, opts)
+	opts.Extra = ""
+	c := testenv.StartNode(t, "C", upstreamHost, reg.URL, opts)
+	if out, err := a.Ctrd.Ctr(t, "images", "pull", "--user", "peer:s3cret", "--hosts-dir", a.Ctrd.CertsDir,
+		img.Ref(upstreamHost)); err != nil {
+		t.Fatalf("A's pull through its own guarded mirror: %v\n%s", err, out)
+	}
+	layer := img.Layers[0]
+	// unauthenticated: refused by A's basic_auth
+	if resp, _, _ := forwardedGet(t, a, blobPath(img, layer)); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("A served a peer without credentials: %d", resp.StatusCode)
+	}
+	waitLog(t, a.Mirror, `"msg":"provided key"`, layer.String())
+	get := func(n *node) int {
+		resp, body, err := fetch(t, http.MethodGet, n.Mirror.URL+blobPath(img, layer), "Authorization", basicAuth("peer", "s3cret"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode == http.StatusOK && digest.FromBytes(body) != layer {
+			t.Errorf("%s: wrong bytes", n.Name)
+		}
+		return resp.StatusCode
+	}
+	deadline := time.Now().Add(30 * time.Second) // hang detector
+	for get(b) != http.StatusOK {
+		if time.Now().After(deadline) {
+			t.Fatal("B never got A's layer with peer_auth")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if status := get(c); status != http.StatusNotFound {
+		t.Errorf("C, without peer_auth: %d, want 404 (A refuses it)", status)
+	}
+	if len(c.Mirror.LogLines(`"msg":"peer attempt failed"`, "401")) == 0 {
+		t.Error("C's log does not show A's 401")
+	}
+}
+
+func basicAuth(user, pass string) string {
+	return "Basic " + base64.StdEncoding.EncodeToString([]byte(user+":"+pass))
 }

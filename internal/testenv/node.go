@@ -48,6 +48,9 @@ type NodeOptions struct {
 	// (libp2p on 0.0.0.0 and, for IPv6 hosts, ::) and announces nothing:
 	// the node detects its addresses itself.
 	DetectAddrs bool
+	// SiteExtra is added inside the mirror's site block, before the
+	// peermirror directive (such as a basic_auth). Loopback nodes only.
+	SiteExtra string
 	// Sites is appended to the node's Caddyfile after the mirror's site:
 	// more site blocks, such as one with the debug page. Loopback nodes
 	// only (not with Host).
@@ -87,8 +90,8 @@ func StartNode(t T, name string, registryHost, upstream string, opts NodeOptions
 			extra = opts.Extra + "\n"
 		}
 		return fmt.Sprintf("{\n\tadmin %s\n\tdebug\n\tpeermirror {\n\t\tcontainerd {\n\t\t\taddress %s\n\t\t}\n"+
-			"\t\tdht {\n%s\t\t}\n%s\t}\n}\n\n:%d {\n\tpeermirror\n}\n%s",
-			admin, n.Ctrd.Socket, dhtLines.String(), extra, port, opts.Sites)
+			"\t\tdht {\n%s\t\t}\n%s\t}\n}\n\n:%d {\n%s\tpeermirror\n}\n%s",
+			admin, n.Ctrd.Socket, dhtLines.String(), extra, port, opts.SiteExtra, opts.Sites)
 	})
 	n.Ctrd.WriteHostsToml(t, registryHost, upstream, n.Mirror.URL)
 	return n
