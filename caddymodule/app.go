@@ -4,6 +4,7 @@
 package caddymodule
 
 import (
+	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -100,6 +101,11 @@ type App struct {
 	// load. Caddyfile: `peer_auth <user> <password>`.
 	PeerAuth *PeerAuth `json:"peer_auth,omitempty"`
 
+	// PeerTLS makes requests to other nodes' mirrors use HTTPS with a
+	// client certificate (see PeerTLS). Caddyfile: the `peer_tls` block
+	// with `ca`, `cert` and `key`.
+	PeerTLS *PeerTLS `json:"peer_tls,omitempty"`
+
 	// MaxUploads caps the requests from other nodes served at once; a
 	// node at its cap answers 503 at once, so the asking node tries
 	// another peer. Default: 0, no cap. Caddyfile: `max_uploads`.
@@ -112,6 +118,7 @@ type App struct {
 
 	private    map[string]bool
 	peerAuth   string // Authorization header value for other nodes, or ""
+	peerTLS    *tls.Config
 	uploads    *uploadLimits
 	storeCfg   contentstore.Config
 	poolKey    string
@@ -212,6 +219,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return errors.New("max_uploads and upload_rate must not be negative")
 	}
 	a.uploads = newUploadLimits(a.MaxUploads, a.UploadRate)
+	if a.PeerTLS != nil {
+		cfg, err := a.PeerTLS.clientConfig()
+		if err != nil {
+			return err
+		}
+		a.peerTLS = cfg
+	}
 	if a.PeerAuth != nil {
 		repl := caddy.NewReplacer()
 		user, pass := repl.ReplaceKnown(a.PeerAuth.Username, ""), repl.ReplaceKnown(a.PeerAuth.Password, "")

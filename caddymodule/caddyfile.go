@@ -91,6 +91,22 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			} else {
 				a.PrivateRegistries = append(a.PrivateRegistries, args...)
 			}
+		case "peer_tls":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			a.PeerTLS = new(PeerTLS)
+			for nesting := d.Nesting(); d.NextBlock(nesting); {
+				key := d.Val()
+				dest := map[string]*string{"ca": &a.PeerTLS.CAFile, "cert": &a.PeerTLS.CertFile,
+					"key": &a.PeerTLS.KeyFile}[key]
+				if dest == nil {
+					return d.Errf("unrecognized peer_tls subdirective %q", key)
+				}
+				if !d.AllArgs(dest) {
+					return d.ArgErr()
+				}
+			}
 		case "peer_auth":
 			var user, pass string
 			if !d.AllArgs(&user, &pass) {

@@ -165,7 +165,7 @@ func (h *Handler) serveClaim(w http.ResponseWriter, r *http.Request) {
 	url := ""
 	for _, p := range router.Peers() {
 		if p.ID.String() == id {
-			url = p.MirrorURL
+			url = h.app.peerURL(p.MirrorURL)
 		}
 	}
 	if url == "" {
@@ -195,7 +195,7 @@ func (a *App) askClaim(ctx context.Context, f *peerFetcher, r *dht.Router, d dig
 	}
 	ctx, cancel := context.WithTimeout(ctx, min(f.stallTimeout, claimTimeout))
 	defer cancel()
-	u := coord.MirrorURL + claimsPath + d.String()
+	u := a.peerURL(coord.MirrorURL) + claimsPath + d.String()
 	if done {
 		u += "?done=1"
 	}
@@ -229,7 +229,7 @@ func (a *App) askClaim(ctx context.Context, f *peerFetcher, r *dht.Router, d dig
 	}
 	if c.Fetcher == coord.ID.String() {
 		// the coordinator fetches it itself: it is reached where it was
-		c.URL = coord.MirrorURL
+		c.URL = a.peerURL(coord.MirrorURL)
 	}
 	if !c.Granted && c.URL == "" {
 		return claim{}, fmt.Errorf("coordinator %s named fetcher %s without an address", coord.ID, c.Fetcher)

@@ -54,7 +54,10 @@ func (c *DHTConfig) poolKey() string {
 }
 
 // routerResolver adapts a dht.Router to the fetcher's peerResolver.
-type routerResolver struct{ r *dht.Router }
+type routerResolver struct {
+	r   *dht.Router
+	app *App // for the scheme of peer URLs
+}
 
 func (rr routerResolver) resolve(ctx context.Context, key string, max int) <-chan peerCandidate {
 	start := time.Now()
@@ -74,7 +77,7 @@ func (rr routerResolver) resolve(ctx context.Context, key string, max int) <-cha
 				observeLookup(time.Since(start), true)
 			}
 			select {
-			case out <- peerCandidate{id: p.ID.String(), url: p.MirrorURL}:
+			case out <- peerCandidate{id: p.ID.String(), url: rr.app.peerURL(p.MirrorURL)}:
 			case <-ctx.Done():
 				// the router ends its lookup with ctx; drain what it sends
 				for range in {
@@ -112,9 +115,12 @@ func (a *App) startP2P() error {
 		}
 	}
 	a.router.Store(r)
-	f := newPeerFetcher(routerResolver{r}, time.Duration(a.ResolveTimeout), time.Duration(a.HedgeDelay),
+	f := newPeerFetcher(routerResolver{r: r, app: a}, time.Duration(a.ResolveTimeout), time.Duration(a.HedgeDelay),
 		time.Duration(a.PeerTimeout), a.MaxPeers, a.logger.Named("peers"))
 	f.auth = a.peerAuth
+	if a.peerTLS != nil {
+		f.useTLS(a.peerTLS)
+	}
 	a.fetcher.Store(f)
 
 	ctx, cancel := context.WithCancel(context.Background())

@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -683,6 +684,13 @@ func newPeerFetcher(resolver peerResolver, resolveTimeout, hedgeDelay, peerTimeo
 }
 
 // close drops idle connections to peers.
+// useTLS makes the fetcher's requests use cfg (HTTPS to peers).
+func (f *peerFetcher) useTLS(cfg *tls.Config) {
+	for _, c := range []*http.Client{f.client, f.coldClient} {
+		c.Transport.(*http.Transport).TLSClientConfig = cfg.Clone()
+	}
+}
+
 func (f *peerFetcher) close() {
 	f.client.CloseIdleConnections()
 	f.coldClient.CloseIdleConnections()

@@ -48,6 +48,8 @@ type NodeOptions struct {
 	// (libp2p on 0.0.0.0 and, for IPv6 hosts, ::) and announces nothing:
 	// the node detects its addresses itself.
 	DetectAddrs bool
+	// Global is added to the Caddyfile's global options block.
+	Global string
 	// SiteExtra is added inside the mirror's site block, before the
 	// peermirror directive (such as a basic_auth). Loopback nodes only.
 	SiteExtra string
@@ -89,9 +91,9 @@ func StartNode(t T, name string, registryHost, upstream string, opts NodeOptions
 		if opts.Extra != "" {
 			extra = opts.Extra + "\n"
 		}
-		return fmt.Sprintf("{\n\tadmin %s\n\tdebug\n\tpeermirror {\n\t\tcontainerd {\n\t\t\taddress %s\n\t\t}\n"+
+		return fmt.Sprintf("{\n\tadmin %s\n\tdebug\n%s\tpeermirror {\n\t\tcontainerd {\n\t\t\taddress %s\n\t\t}\n"+
 			"\t\tdht {\n%s\t\t}\n%s\t}\n}\n\n:%d {\n%s\tpeermirror\n}\n%s",
-			admin, n.Ctrd.Socket, dhtLines.String(), extra, port, opts.SiteExtra, opts.Sites)
+			admin, opts.Global, n.Ctrd.Socket, dhtLines.String(), extra, port, opts.SiteExtra, opts.Sites)
 	})
 	n.Ctrd.WriteHostsToml(t, registryHost, upstream, n.Mirror.URL)
 	return n
