@@ -186,6 +186,37 @@ func valueCases(repo string) []valueCase {
 			},
 		},
 		{
+			name: "peer TLS",
+			args: []string{"--set", "peerTLS.enabled=true,peerTLS.secretName=pm-peer",
+				"--set", "metrics.serviceMonitor.enabled=true"},
+			kinds:      append(slices.Clone(defaultKinds), "ServiceMonitor"),
+			registries: defaultRegistries,
+			writable:   []string{"containerd-certs", "state"},
+			hook:       true,
+			check: func(t *testing.T, r rendered) {
+				caddyfile := r.configMap.Data["Caddyfile"]
+				for _, want := range []string{
+					":30020 {\n\t# this node's containerd only\n\tbind 127.0.0.1\n",
+					"https://:30021 {", "mode require_and_verify", "trust_pool file /etc/peermirror/peer-tls/ca.crt",
+					"strict_sni_host insecure_off", "mirror_port 30021", "bootstrap_port 30022", ":30022 {",
+					"cert /etc/peermirror/peer-tls/tls.crt"} {
+					if !strings.Contains(caddyfile, want) {
+						t.Errorf("Caddyfile lacks %q:\n%s", want, caddyfile)
+					}
+				}
+				c := r.daemonSet.Spec.Template.Spec.Containers[0]
+				if c.ReadinessProbe.HTTPGet.Port.StrVal != "ops" || c.LivenessProbe.HTTPGet.Port.StrVal != "ops" {
+					t.Errorf("probes on %v and %v, want the ops port", c.ReadinessProbe.HTTPGet.Port, c.LivenessProbe.HTTPGet.Port)
+				}
+				if m, ok := mountsByName(c.VolumeMounts)["peer-tls"]; !ok || !m.ReadOnly {
+					t.Errorf("peer-tls mount %+v", m)
+				}
+				if r.serviceMonitor.Spec.Endpoints[0].Port != "ops" {
+					t.Errorf("ServiceMonitor scrapes %q, want ops", r.serviceMonitor.Spec.Endpoints[0].Port)
+				}
+			},
+		},
+		{
 			name: "everything on",
 			args: []string{
 				"--set", "mirrorAllRegistries=true",

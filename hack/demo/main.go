@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"os"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -75,6 +76,29 @@ func (d *demo) run() {
 	for _, n := range []*testenv.Node{a, b, c} {
 		report(n, img)
 	}
+	showAdmin(c)
+}
+
+// showAdmin prints what node C's admin endpoint answers: the node, and
+// the peermirror lines of its metrics.
+func showAdmin(n *testenv.Node) {
+	get := func(path string) string {
+		resp, err := testenv.HTTPClient().Get("http://" + n.Mirror.AdminAddr + path)
+		if err != nil {
+			return err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b)
+	}
+	say("node %s, GET /peermirror/node on its admin endpoint: %s", n.Name, strings.TrimSpace(get("/peermirror/node")))
+	var lines []string
+	for _, l := range strings.Split(get("/metrics"), "\n") {
+		if strings.HasPrefix(l, "peermirror_") && !strings.Contains(l, "_bucket{") {
+			lines = append(lines, "  "+l)
+		}
+	}
+	say("node %s, peermirror lines of /metrics:\n%s", n.Name, strings.Join(lines, "\n"))
 }
 
 // waitServable waits until n's mirror answers path.
