@@ -205,12 +205,32 @@ func (c *DHTConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.AllArgs(&c.KeyFile) {
 				return d.ArgErr()
 			}
-		case "mirror_port":
+		case "network_key_file":
+			if !d.AllArgs(&c.NetworkKeyFile) {
+				return d.ArgErr()
+			}
+		case "mirror_port", "bootstrap_port":
+			key := d.Val()
 			n, err := intArg(d)
 			if err != nil {
 				return err
 			}
-			c.MirrorPort = n
+			if key == "mirror_port" {
+				c.MirrorPort = n
+			} else {
+				c.BootstrapPort = n
+			}
+		case "conn_low", "conn_high", "max_inbound_conns", "max_inbound_streams":
+			n, err := intArg(d)
+			if err != nil {
+				return err
+			}
+			*map[string]*int{
+				"conn_low":            &c.ConnLow,
+				"conn_high":           &c.ConnHigh,
+				"max_inbound_conns":   &c.MaxInboundConns,
+				"max_inbound_streams": &c.MaxInboundStreams,
+			}[key] = n
 		case "record_ttl", "reprovide_interval":
 			dur, err := durationArg(d)
 			if err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/containerd/v2/client"
 	"github.com/spf13/cobra"
 
+	"github.com/peermirror/peermirror/dht"
 	"github.com/peermirror/peermirror/hoststoml"
 	"github.com/peermirror/peermirror/uninstall"
 )
@@ -25,6 +26,9 @@ const (
 	cleanupCommand   = "peermirror-cleanup"
 	uninstallCommand = "peermirror-uninstall"
 )
+
+// networkKeyCommand prints a key for the dht option network_key_file.
+const networkKeyCommand = "peermirror-network-key"
 
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
@@ -139,6 +143,37 @@ It needs get and update on the DaemonSet and list on pods in its namespace.
 			}
 		},
 	})
+	caddycmd.RegisterCommand(caddycmd.Command{
+		Name:  networkKeyCommand,
+		Short: "Prints a new random network key for the dht option network_key_file",
+		Long: `
+Prints a new pre-shared key for libp2p private networks to stdout, in the
+format that the dht option network_key_file reads: the lines
+/key/swarm/psk/1.0.0/ and /base16/, then 64 hex digits (32 bytes from the
+system's secure random source). Give the same key to every node of the
+cluster, for instance:
+
+	(umask 077 && caddy peermirror-network-key > /etc/peermirror/network.key)
+
+Whoever holds the key can join the DHT: keep it like a password.
+`,
+		CobraFunc: func(cmd *cobra.Command) {
+			cmd.Args = cobra.NoArgs
+			cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+				return runNetworkKey(cmd.OutOrStdout())
+			}
+		},
+	})
+}
+
+// runNetworkKey is the peermirror-network-key command.
+func runNetworkKey(stdout io.Writer) error {
+	key, err := dht.GenerateNetworkKey()
+	if err != nil {
+		return err
+	}
+	_, err = stdout.Write(key)
+	return err
 }
 
 // runConfigure is the peermirror-configure command.

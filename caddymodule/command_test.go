@@ -2,6 +2,8 @@ package caddymodule
 
 import (
 	"bytes"
+	"encoding/hex"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,6 +11,8 @@ import (
 
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
+
+	"github.com/peermirror/peermirror/dht"
 )
 
 // runCommand runs a registered Caddy subcommand the way caddy's command
@@ -151,5 +155,42 @@ func TestCommandArguments(t *testing.T) {
 				t.Fatalf("err = %v, want %q", err, tt.wantErr)
 			}
 		})
+	}
+}
+
+func TestNetworkKeyCommand(t *testing.T) {
+	dir := t.TempDir()
+	var keys []string
+	for i := range 2 {
+		out, errOut, err := runCommand(t, networkKeyCommand)
+		if err != nil || errOut != "" {
+			t.Fatalf("run %d: err %v, stderr %q", i, err, errOut)
+		}
+		lines := strings.Split(out, "\n")
+		if len(lines) != 4 || lines[0] != "/key/swarm/psk/1.0.0/" || lines[1] != "/base16/" || lines[3] != "" {
+			t.Fatalf("output is not the key file format:\n%q", out)
+		}
+		if _, err := hex.DecodeString(lines[2]); err != nil || len(lines[2]) != 64 {
+			t.Fatalf("key line %q is not 64 hex digits", lines[2])
+		}
+		// what it prints is what network_key_file reads
+		path := filepath.Join(dir, fmt.Sprintf("key%d", i))
+		if err := os.WriteFile(path, []byte(out), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		psk, err := dht.ReadNetworkKeyFile(path)
+		if err != nil {
+			t.Fatalf("reading the printed key: %v", err)
+		}
+		if hex.EncodeToString(psk) != strings.ToLower(lines[2]) {
+			t.Errorf("read key %x, printed %s", []byte(psk), lines[2])
+		}
+		keys = append(keys, lines[2])
+	}
+	if keys[0] == keys[1] {
+		t.Error("two runs printed the same key")
+	}
+	if _, _, err := runCommand(t, networkKeyCommand, "extra"); err == nil {
+		t.Error("an argument was accepted")
 	}
 }

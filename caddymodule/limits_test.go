@@ -8,8 +8,10 @@ import (
 
 func TestUploadSlots(t *testing.T) {
 	l := newUploadLimits(2, 0)
-	if !l.acquire() || !l.acquire() {
-		t.Fatal("two slots of two not taken")
+	for i := 0; i < 2; i++ {
+		if !l.acquire() {
+			t.Fatalf("slot %d of two not taken", i+1)
+		}
 	}
 	if l.acquire() {
 		t.Fatal("a third upload got a slot")

@@ -34,22 +34,34 @@ func (c *DHTConfig) routerConfig() dht.Config {
 		BootstrapDNS:      c.BootstrapDNS,
 		BootstrapHTTP:     c.BootstrapHTTP,
 		MirrorPort:        c.MirrorPort,
+		BootstrapPeerPort: c.BootstrapPort,
 		RecordTTL:         time.Duration(c.RecordTTL),
 		ReprovideInterval: time.Duration(c.ReprovideInterval),
+		NetworkKeyFile:    c.NetworkKeyFile,
+		ConnLow:           c.ConnLow,
+		ConnHigh:          c.ConnHigh,
+		MaxInboundConns:   c.MaxInboundConns,
+		MaxInboundStreams: c.MaxInboundStreams,
 	}
 }
 
 // poolKey identifies a libp2p node: what a running node cannot change
-// (addresses, identity, record lifetime, the mirror port peers cache). A
-// reload that keeps these keeps the node, its peers and the records it
-// stores, and applies the rest in place.
+// (addresses, identity, record lifetime, the mirror port peers cache, the
+// network key, by path and by the fingerprint read at provision, and the
+// connection limits). A reload that keeps these keeps the node, its peers
+// and the records it stores, and applies the rest in place.
 func (c *DHTConfig) poolKey() string {
 	b, _ := json.Marshal(struct {
-		Listen, Announce []string
-		KeyFile          string
-		RecordTTL        caddy.Duration
-		MirrorPort       int
-	}{c.Listen, c.Announce, c.KeyFile, c.RecordTTL, c.MirrorPort})
+		Listen, Announce                   []string
+		KeyFile                            string
+		RecordTTL                          caddy.Duration
+		MirrorPort                         int
+		NetworkKeyFile, NetworkKeyID       string
+		ConnLow, ConnHigh                  int
+		MaxInboundConns, MaxInboundStreams int
+	}{c.Listen, c.Announce, c.KeyFile, c.RecordTTL, c.MirrorPort,
+		c.NetworkKeyFile, c.networkKeyID,
+		c.ConnLow, c.ConnHigh, c.MaxInboundConns, c.MaxInboundStreams})
 	return string(b)
 }
 

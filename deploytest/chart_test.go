@@ -450,11 +450,15 @@ func checkDaemonSet(t *testing.T, r rendered, vc valueCase) {
 	if ports["mirror"] != 30020 || ports["p2p"] != 5001 {
 		t.Errorf("ports %v, want mirror 30020 and p2p 5001", ports)
 	}
+	probePort := "mirror"
+	if withPeerTLS(r) {
+		probePort = "ops" // the mirror listens on the node's loopback
+	}
 	for name, probe := range map[string]*corev1.Probe{
 		"/.well-known/peermirror/v1/live":  c.LivenessProbe,
 		"/.well-known/peermirror/v1/ready": c.ReadinessProbe,
 	} {
-		if probe == nil || probe.HTTPGet == nil || probe.HTTPGet.Path != name || probe.HTTPGet.Port.String() != "mirror" {
+		if probe == nil || probe.HTTPGet == nil || probe.HTTPGet.Path != name || probe.HTTPGet.Port.String() != probePort {
 			t.Errorf("probe for %s = %+v", name, probe)
 		}
 	}
@@ -516,16 +520,29 @@ func checkService(t *testing.T, r rendered) {
 	for _, p := range s.Spec.Ports {
 		ports = append(ports, p.Name+"="+p.TargetPort.String())
 	}
-	if !slices.Equal(ports, []string{"mirror=mirror", "p2p=p2p"}) {
-		t.Errorf("service ports %v", ports)
+	want := []string{"mirror=mirror", "p2p=p2p"}
+	if withPeerTLS(r) {
+		want = append(want, "ops=ops")
 	}
+	if !slices.Equal(ports, want) {
+		t.Errorf("service ports %v, want %v", ports, want)
+	}
+}
+
+// withPeerTLS reports whether the rendered chart has peerTLS on.
+func withPeerTLS(r rendered) bool {
+	return strings.Contains(r.configMap.Data["Caddyfile"], "peer_tls {")
 }
 
 func checkCaddyfile(t *testing.T, r rendered) {
 	t.Helper()
 	caddyfile := r.configMap.Data["Caddyfile"]
 	bootstrap := "bootstrap_dns " + r.service.Name + ".kube-system.svc.cluster.local"
-	for _, want := range []string{bootstrap, "announce {$NODE_IP}", "mirror_port 30020", ":30020 {",
+	mirrorPort := "mirror_port 30020"
+	if withPeerTLS(r) {
+		mirrorPort = "mirror_port 30021"
+	}
+	for _, want := range []string{bootstrap, "announce {$NODE_IP}", mirrorPort, ":30020 {",
 		"address /run/containerd/containerd.sock", "content_dir /var/lib/containerd/io.containerd.content.v1.content"} {
 		if !strings.Contains(caddyfile, want) {
 			t.Errorf("Caddyfile lacks %q:\n%s", want, caddyfile)

@@ -22,6 +22,15 @@ const (
 	DefaultRecordTTL         = 10 * time.Minute
 	DefaultBootstrapInterval = 30 * time.Second
 	DefaultListenPort        = 5001
+
+	// DefaultConnHigh is Config.ConnHigh's default, DefaultConnHigh/2
+	// ConnLow's: room for the routing table of a cluster of a few
+	// thousand nodes and for the peers of the lookups in flight.
+	DefaultConnHigh = 400
+	// DefaultMaxInboundConns and DefaultMaxInboundStreams are the defaults
+	// of Config.MaxInboundConns and Config.MaxInboundStreams.
+	DefaultMaxInboundConns   = 1024
+	DefaultMaxInboundStreams = 4096
 )
 
 // DefaultListenAddrs are the libp2p listen addresses used when
@@ -109,6 +118,39 @@ type Config struct {
 	// BootstrapHTTP URLs. Default: net.DefaultResolver.
 	Resolver *net.Resolver
 
+	// NetworkKeyFile is the path of a pre-shared key that makes the DHT a
+	// libp2p private network: every libp2p connection is encrypted with
+	// the key before anything else is said, so a node without it (or with
+	// another one) can neither connect to this node nor accept its
+	// connections, and so cannot join the DHT, read its provider records or
+	// add its own. The file holds the lines "/key/swarm/psk/1.0.0/",
+	// "/base16/" and 64 hex digits (see ReadNetworkKeyFile and
+	// GenerateNetworkKey); it must exist. libp2p private networks work over
+	// TCP only: with a key QUIC is off, and a listen, announce or static
+	// bootstrap multiaddr that is not TCP is an error. Default: empty, no
+	// key: any node that reaches a listen address may join.
+	NetworkKeyFile string
+
+	// ConnLow and ConnHigh are the connection manager's watermarks: when
+	// the node holds ConnHigh connections or more, it closes the least
+	// useful ones down to ConnLow. Connections younger than a minute and
+	// those to the peers of the two closest routing table buckets (which
+	// kad-dht protects) are kept. 1 <= ConnLow < ConnHigh. Defaults:
+	// ConnHigh DefaultConnHigh (400), ConnLow ConnHigh/2.
+	ConnLow  int
+	ConnHigh int
+
+	// MaxInboundConns caps the libp2p connections that peers open to this
+	// node, all peers together: the resource manager refuses the ones over
+	// it. The connections this node opens are not capped (ConnHigh trims
+	// them). Default: DefaultMaxInboundConns (1024).
+	MaxInboundConns int
+
+	// MaxInboundStreams caps the streams that peers open to this node, all
+	// connections together; a stream over it is reset. Default:
+	// DefaultMaxInboundStreams (4096).
+	MaxInboundStreams int
+
 	// HTTPClient fetches peer lists for DNS and HTTP bootstrap. Default: a
 	// client with a 5s timeout that ignores proxy environment variables
 	// (bootstrap targets are inside the cluster) and resolves with Resolver.
@@ -177,6 +219,27 @@ func parseConfig(cfg Config) (*parsedConfig, error) {
 		return nil, fmt.Errorf("private key is %s, want Ed25519", cfg.PrivateKey.Type())
 	}
 
+	// connection limits
+	if pc.ConnHigh == 0 {
+		pc.ConnHigh = DefaultConnHigh
+	}
+	if pc.ConnLow == 0 {
+		pc.ConnLow = pc.ConnHigh / 2
+	}
+	if pc.ConnLow < 1 || pc.ConnLow >= pc.ConnHigh {
+		return nil, fmt.Errorf("connection watermarks low %d and high %d: want 1 <= low < high", pc.ConnLow, pc.ConnHigh)
+	}
+	if pc.MaxInboundConns == 0 {
+		pc.MaxInboundConns = DefaultMaxInboundConns
+	}
+	if pc.MaxInboundStreams == 0 {
+		pc.MaxInboundStreams = DefaultMaxInboundStreams
+	}
+	if pc.MaxInboundConns < 0 || pc.MaxInboundStreams < 0 {
+		return nil, fmt.Errorf("max inbound connections %d and streams %d must not be negative",
+			pc.MaxInboundConns, pc.MaxInboundStreams)
+	}
+
 	// listen addresses
 	listen := cfg.ListenAddrs
 	if len(listen) == 0 {
@@ -232,6 +295,19 @@ func parseConfig(cfg Config) (*parsedConfig, error) {
 			return nil, fmt.Errorf("parsing static bootstrap addresses (each needs /p2p/<peer ID>): %w", err)
 		}
 		pc.static = infos
+	}
+	if cfg.NetworkKeyFile != "" {
+		for _, group := range []struct {
+			what  string
+			addrs []ma.Multiaddr
+		}{{"listen", pc.listenAddrs}, {"announce", pc.announceFull}, {"static bootstrap", staticAddrs}} {
+			for _, addr := range group.addrs {
+				if !isTCP(addr) {
+					return nil, fmt.Errorf("%s address %s is not TCP: with a network key libp2p "+
+						"runs over TCP only (private networks do not work over QUIC)", group.what, addr)
+				}
+			}
+		}
 	}
 	for _, name := range cfg.BootstrapDNS {
 		name = strings.TrimSpace(name)

@@ -29,6 +29,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/pnet"
 	"github.com/libp2p/go-libp2p/core/protocol"
 	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
@@ -66,8 +67,10 @@ var ErrRestartNeeded = errors.New("the change needs a new libp2p node")
 // Reconfigure applies cfg to a running or new Router without dropping its
 // host, its peers or the provider records it stores: bootstrap sources and
 // intervals and the reprovide interval. A change of the listen or announce
-// addresses, the key, the record lifetime or the mirror port (which peers
-// cache per connection) returns ErrRestartNeeded and changes nothing.
+// addresses, the key, the network key file, the connection limits, the
+// record lifetime or the mirror port (which peers cache per connection)
+// returns ErrRestartNeeded and changes nothing. The network key file is
+// compared by path: a new key in the same file needs a new Router.
 func (r *Router) Reconfigure(cfg Config) error {
 	pc, err := parseConfig(cfg)
 	if err != nil {
@@ -76,7 +79,9 @@ func (r *Router) Reconfigure(cfg Config) error {
 	old := r.conf()
 	if !slices.Equal(old.ListenAddrs, pc.ListenAddrs) || !slices.Equal(old.AnnounceAddrs, pc.AnnounceAddrs) ||
 		old.KeyFile != pc.KeyFile || old.PrivateKey != pc.PrivateKey || old.RecordTTL != pc.RecordTTL ||
-		old.MirrorPort != pc.MirrorPort {
+		old.MirrorPort != pc.MirrorPort || old.NetworkKeyFile != pc.NetworkKeyFile ||
+		old.ConnLow != pc.ConnLow || old.ConnHigh != pc.ConnHigh ||
+		old.MaxInboundConns != pc.MaxInboundConns || old.MaxInboundStreams != pc.MaxInboundStreams {
 		return ErrRestartNeeded
 	}
 	r.cfg.Store(pc)
@@ -100,12 +105,17 @@ type Router struct {
 	// keyGenerated is set when New made the key (no key given, or KeyFile
 	// missing): Start then writes it to KeyFile, if one is configured.
 	keyGenerated bool
+	// psk is the network key read from NetworkKeyFile, nil without one.
+	psk pnet.PSK
 
 	ifaces *interfaceCache
 	infos  *infoCache
 	adv    *advertiser
 	// aloneWarnAfter: see defaultAloneWarnAfter; tests shorten it.
 	aloneWarnAfter time.Duration
+	// connGrace and connSilence: see defaultConnGrace and
+	// defaultConnSilence; tests shorten them.
+	connGrace, connSilence time.Duration
 
 	// mu serializes Start and Close. Goroutines of the router never take
 	// it: Close holds it while it waits for them.
@@ -134,7 +144,8 @@ const (
 
 // New checks cfg, fills in its defaults and prepares a router. It binds no
 // port and dials nothing: Caddy's `caddy validate` runs this path. It reads
-// KeyFile if it exists (a missing one is created by Start).
+// KeyFile if it exists (a missing one is created by Start) and
+// NetworkKeyFile, which must exist.
 func New(cfg Config, logger *zap.Logger) (*Router, error) {
 	if logger == nil {
 		logger = zap.NewNop()
@@ -150,6 +161,8 @@ func New(cfg Config, logger *zap.Logger) (*Router, error) {
 		adv:    newAdvertiser(),
 
 		aloneWarnAfter: max(defaultAloneWarnAfter, 3*pc.BootstrapInterval),
+		connGrace:      defaultConnGrace,
+		connSilence:    defaultConnSilence,
 	}
 	r.cfg.Store(pc)
 	r.ctx, r.cancel = context.WithCancel(context.Background())
@@ -173,6 +186,13 @@ func New(cfg Config, logger *zap.Logger) (*Router, error) {
 	}
 	if r.keyGenerated {
 		if r.key, err = generateKey(); err != nil {
+			return nil, err
+		}
+	}
+
+	// private network
+	if pc.NetworkKeyFile != "" {
+		if r.psk, err = ReadNetworkKeyFile(pc.NetworkKeyFile); err != nil {
 			return nil, err
 		}
 	}
@@ -214,14 +234,33 @@ func (r *Router) Start() (err error) {
 		}
 	}
 
+	if r.psk != nil {
+		if fi, err := os.Stat(r.conf().NetworkKeyFile); err == nil && fi.Mode().Perm()&0o077 != 0 {
+			r.logger.Warn("network key file is readable by others; whoever reads it can join the DHT",
+				zap.String("path", r.conf().NetworkKeyFile), zap.Stringer("mode", fi.Mode().Perm()))
+		}
+	}
+
+	// connection limits; the host owns the managers once it is built
+	cm, err := newConnManager(r.conf(), r.connGrace, r.connSilence)
+	if err != nil {
+		return err
+	}
+	rm, err := newResourceManager(r.conf())
+	if err != nil {
+		_ = cm.Close()
+		return err
+	}
+
 	// libp2p host, not listening yet: libp2p.New leaves its swarm,
 	// peerstore and managers running when a listen address fails, while a
 	// built host can always be closed.
-	h, err := libp2p.New(
+	opts := []libp2p.Option{
 		libp2p.Identity(r.key),
 		libp2p.NoListenAddrs,
 		libp2p.Transport(tcp.NewTCPTransport),
-		libp2p.Transport(quic.NewTransport),
+		libp2p.ConnectionManager(cm),
+		libp2p.ResourceManager(rm),
 		libp2p.AddrsFactory(r.announce),
 		libp2p.UserAgent(userAgent),
 		// A private network: no relays (neither using nor serving), no
@@ -238,8 +277,19 @@ func (r *Router) Start() (err error) {
 		// libp2p would register its metrics in Prometheus' global
 		// registry; Caddy keeps one registry per config.
 		libp2p.DisableMetrics(),
-	)
+	}
+	if r.psk != nil {
+		// libp2p refuses a pre-shared key with QUIC: TCP only
+		// (parseConfig refused addresses of other transports)
+		opts = append(opts, libp2p.PrivateNetwork(r.psk))
+	} else {
+		opts = append(opts, libp2p.Transport(quic.NewTransport))
+	}
+	h, err := libp2p.New(opts...)
 	if err != nil {
+		// closing twice is safe: libp2p.New closes them on some errors
+		_ = cm.Close()
+		_ = rm.Close()
 		return fmt.Errorf("starting libp2p host: %w", err)
 	}
 	r.host = h
@@ -286,7 +336,16 @@ func (r *Router) Start() (err error) {
 		zap.Stringers("listen", h.Network().ListenAddresses()),
 		zap.Int("mirror_port", r.conf().MirrorPort),
 		zap.Duration("record_ttl", r.conf().RecordTTL),
-		zap.Duration("reprovide_interval", r.conf().ReprovideInterval))
+		zap.Duration("reprovide_interval", r.conf().ReprovideInterval),
+		zap.Int("conn_low", r.conf().ConnLow),
+		zap.Int("conn_high", r.conf().ConnHigh),
+		zap.Int("max_inbound_conns", r.conf().MaxInboundConns),
+		zap.Int("max_inbound_streams", r.conf().MaxInboundStreams))
+	if r.psk != nil {
+		r.logger.Info("private network: only nodes with the same network key can connect; TCP only",
+			zap.String("network_key_file", r.conf().NetworkKeyFile),
+			zap.String("network_key_fingerprint", NetworkKeyFingerprint(r.psk)))
+	}
 	if len(addrs) == 0 {
 		r.logger.Warn("no address to announce: peers reach this node only over "+
 			"connections it opens; set announce addresses",
