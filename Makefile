@@ -23,7 +23,8 @@ all: build
 build:
 	$(GO) build -o $(CADDY) ./cmd/caddy
 
-## tools: containerd, ctr, the distribution registry, crictl and crane in .tools/bin
+## tools: containerd, ctr, the distribution registry, crictl, crane and helm in
+## .tools/bin; Debian's chromium when missing (as root)
 tools:
 	@hack/install-tools.sh
 
@@ -61,16 +62,32 @@ lint:
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
 
-## demo: two containerds, a registry and Caddy on loopback; a pull through the mirror
+## demo: three nodes (containerd and Caddy each) and a registry on loopback; A pulls
+## from the registry, B and C through their own mirrors from A
 demo: tools build
 	PEERMIRROR_CADDY=$(CADDY) $(GO) run ./hack/demo
 
-## bench: throughput of blob GETs from the local store and through a peer
+# BENCH_QUICK=1: the short form (smaller blobs, fewer requests), for CI
+ifdef BENCH_QUICK
+BENCH_ENV   := PEERMIRROR_BENCH_SIZE=134217728 PEERMIRROR_BENCH_PEER_SIZE=67108864
+BENCH_TIMES := 2x
+else
+BENCH_ENV   :=
+BENCH_TIMES := 5x
+endif
+
+## bench: the Go benchmarks (blob GETs from the local store and through a
+## peer), then the harness, which writes BENCHMARKS.md (local serving
+## against the registry and file_server, latency through a peer, memory
+## and start-up), then the cold storm table, appended to it
 bench: tools build
-	PEERMIRROR_CADDY=$(CADDY) $(GO) test -run '^$$' -bench . -benchtime 5x -timeout 20m ./bench/
+	PEERMIRROR_CADDY=$(CADDY) $(BENCH_ENV) $(GO) test -run '^$$' -bench . -benchtime $(BENCH_TIMES) -timeout 20m ./bench/
+	@PEERMIRROR_CADDY=$(CADDY) PEERMIRROR_BENCH_HARNESS=1 $(GO) test -run '^TestHarness$$' -count 1 -v -timeout 30m \
+		./bench/ >bin/bench-harness.log 2>&1 || { tail -50 bin/bench-harness.log; exit 1; }
 	@PEERMIRROR_CADDY=$(CADDY) PEERMIRROR_BENCH_COLD=1 $(GO) test -run '^TestColdStormTable$$' -count 1 -v -timeout 20m \
 		./caddytest >bin/cold-storms.log 2>&1 || { tail -50 bin/cold-storms.log; exit 1; }
-	@grep -E '^ +\||cold storms' bin/cold-storms.log | sed 's/^ *//'
+	@{ echo; echo "## 4. Every node pulling a new image at once (cold storms)"; echo; grep -E '^ +\||cold storms' bin/cold-storms.log | sed 's/^ *//'; } >>BENCHMARKS.md
+	@cat BENCHMARKS.md
 
 ## chart: helm lint and helm template of the chart, with the default and the GPU values
 chart: tools

@@ -68,19 +68,25 @@ func setup(b *testing.B, size int64) (*testenv.Containerd, string) {
 	ctrd := testenv.StartContainerd(b)
 	c := ctrd.Client(b)
 	ctx := namespaces.WithNamespace(context.Background(), ctrd.Namespace)
+	return ctrd, writeRandomBlob(b, ctx, c.ContentStore(), size)
+}
 
+// writeRandomBlob writes size pseudo-random bytes (seed 1) into cs as a
+// blob kept from garbage collection, and returns its URL path.
+func writeRandomBlob(t testing.TB, ctx context.Context, cs content.Store, size int64) string {
+	t.Helper()
 	// digest first, then write: WriteBlob checks the digest as it commits
 	h := digest.SHA256.Digester()
 	if _, err := io.Copy(h.Hash(), &randomReader{src: rand.NewChaCha8([32]byte{1}), left: size}); err != nil {
-		b.Fatal(err)
+		t.Fatal(err)
 	}
 	desc := ocispec.Descriptor{MediaType: "application/octet-stream", Digest: h.Digest(), Size: size}
 	keep := content.WithLabels(map[string]string{"containerd.io/gc.root": time.Now().UTC().Format(time.RFC3339)})
 	src := &randomReader{src: rand.NewChaCha8([32]byte{1}), left: size}
-	if err := content.WriteBlob(ctx, c.ContentStore(), "bench", src, desc, keep); err != nil {
-		b.Fatalf("writing blob: %v", err)
+	if err := content.WriteBlob(ctx, cs, "bench", src, desc, keep); err != nil {
+		t.Fatalf("writing blob: %v", err)
 	}
-	return ctrd, "/v2/bench/blob/blobs/" + desc.Digest.String()
+	return "/v2/bench/blob/blobs/" + desc.Digest.String()
 }
 
 // startMirror starts a Caddy serving ctrd; contentDir, when set, overrides

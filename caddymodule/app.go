@@ -4,6 +4,7 @@
 package caddymodule
 
 import (
+	"context"
 	"crypto/tls"
 	"encoding/base64"
 	"errors"
@@ -286,25 +287,32 @@ func (a *App) filtered(ref string) bool {
 // advertises is (so private content never leaves it, even asked by
 // digest), nothing of a private registry, and downloads in progress
 // (ingest) only for a registry named and not private.
-func (a *App) sharesWithPeers(req ociRequest, ingest bool) bool {
+func (a *App) sharesWithPeers(ctx context.Context, req ociRequest, ingest bool) bool {
 	if len(a.private) == 0 {
 		return true
 	}
 	if a.private[req.registry] {
 		return false
 	}
-	if ingest && req.registry != "" {
-		return true // a cold pull of a registry that is not private
-	}
-	adv := a.advertiser.Load()
-	if adv == nil {
-		return false
-	}
 	key := req.ref()
 	if req.tag == "" {
 		key = req.digest.String()
 	}
-	return adv.has(key)
+	if adv := a.advertiser.Load(); adv != nil && adv.has(key) {
+		return true
+	}
+	// a cold pull follows a download that is not advertised yet: only
+	// for a registry named and not private, and only while the content
+	// is not committed here (committed, unadvertised content is private)
+	if ingest && req.registry != "" && req.tag == "" {
+		if s := a.Store(); s != nil {
+			if _, err := s.Descriptor(ctx, req.digest); err == nil {
+				return false
+			}
+		}
+		return true
+	}
+	return false
 }
 
 // coordinates reports whether cold pulls are coordinated.

@@ -285,15 +285,27 @@ func parseHandlerDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler,
 	return handler, err
 }
 
-// UnmarshalCaddyfile reads the peermirror handler directive, which takes
-// no arguments: the app holds the configuration.
+// UnmarshalCaddyfile reads the peermirror handler directive; the app
+// holds the configuration, the handler only where its requests come from:
+//
+//	peermirror {
+//		peers_only
+//	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive name
 	if d.NextArg() {
 		return d.ArgErr()
 	}
-	if d.NextBlock(0) {
-		return d.Errf("unrecognized peermirror handler subdirective %q", d.Val())
+	for d.NextBlock(0) {
+		switch d.Val() {
+		case "peers_only":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.PeersOnly = true
+		default:
+			return d.Errf("unrecognized peermirror handler subdirective %q", d.Val())
+		}
 	}
 	return nil
 }

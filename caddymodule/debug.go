@@ -60,7 +60,8 @@ var debugPage = template.Must(template.New("debug.html").Funcs(template.FuncMap{
 type DebugHandler struct {
 	// Mirror is the base URL of this node's mirror, where a measure pulls
 	// from. Default: http://127.0.0.1 with the DHT's mirror_port (30020
-	// without a dht block). Caddyfile: `mirror <url>`.
+	// without a dht block); required with peer_tls. Caddyfile:
+	// `mirror <url>`.
 	Mirror string `json:"mirror,omitempty"`
 
 	app    *App
@@ -85,6 +86,11 @@ func (h *DebugHandler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("loading peermirror app: %w", err)
 	}
 	h.app = appIface.(*App)
+	if h.Mirror == "" && h.app.PeerTLS != nil {
+		// mirror_port is then the peers' TLS listener
+		return errors.New("peermirror_debug: with peer_tls, set mirror to this node's plain listener, " +
+			"such as http://127.0.0.1:30020")
+	}
 	if h.Mirror == "" {
 		port := 30020
 		if h.app.DHT != nil && h.app.DHT.MirrorPort != 0 {
@@ -200,7 +206,7 @@ func (h *DebugHandler) collect() debugData {
 	}
 	var counts map[string]int64
 	d.Requests, counts = recentRequests.snapshot()
-	for _, s := range []string{"local", "peer", "miss", "invalid", "error"} {
+	for _, s := range []string{"local", "peer", "miss", "invalid", "error", "busy"} {
 		d.BySource = append(d.BySource, sourceCount{Source: s, Count: counts[s]})
 	}
 	return d

@@ -35,6 +35,13 @@ const maxManifestSize = 4 << 20
 // app. Requests outside /v2 go to the next handler, so the mirror can share
 // a site with other routes.
 type Handler struct {
+	// PeersOnly treats every request as one from another node, whatever
+	// its headers: served from this node's store only, within the upload
+	// limits, and with private_registries only what this node advertises.
+	// For a listener that only peers reach, such as one behind mutual
+	// TLS. Caddyfile: `peermirror { peers_only }`.
+	PeersOnly bool `json:"peers_only,omitempty"`
+
 	app    *App
 	logger *zap.Logger
 }
@@ -129,9 +136,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	// a request from another node is served from this store only, and
 	// only what this node shares, within its upload limits
-	forwarded := r.Header.Get(headerForwarded) != ""
+	forwarded := h.PeersOnly || r.Header.Get(headerForwarded) != ""
 	if forwarded {
-		if !h.app.sharesWithPeers(req, r.Header.Get(headerIngest) != "") {
+		if !h.app.sharesWithPeers(r.Context(), req, r.Header.Get(headerIngest) != "") {
 			h.miss(w, r, req, "not shared with other nodes (a private registry, or not advertised here)")
 			return nil
 		}

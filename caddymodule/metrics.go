@@ -28,7 +28,8 @@ var metrics = struct {
 	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "peermirror",
 		Name:      "requests_total",
-		Help:      "OCI requests answered, by registry (ns), kind (manifest, blob), source (local, peer, miss, invalid) and method.",
+		Help: "OCI requests answered, by registry (ns; none without it), kind (base, manifest, blob), " +
+			"source (local, peer, miss, invalid, error, busy) and method.",
 	}, []string{"registry", "kind", "source", "method"}),
 	bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "peermirror",

@@ -96,7 +96,7 @@ func tlsNodeOptions(ca *testCA, cert, key string, peerPort int) testenv.NodeOpti
 		MirrorPort: peerPort,
 		Extra:      fmt.Sprintf("\t\tpeer_tls {\n\t\t\tca %s\n\t\t\tcert %s\n\t\t\tkey %s\n\t\t}", ca.file, cert, key),
 		Sites: fmt.Sprintf("\nhttps://:%d {\n\ttls %s %s {\n\t\tclient_auth {\n\t\t\tmode require_and_verify\n"+
-			"\t\t\ttrust_pool file %s\n\t\t}\n\t}\n\tpeermirror\n}\n", peerPort, cert, key, ca.file),
+			"\t\t\ttrust_pool file %s\n\t\t}\n\t}\n\tpeermirror {\n\t\tpeers_only\n\t}\n}\n", peerPort, cert, key, ca.file),
 	}
 }
 

@@ -198,7 +198,7 @@ func valueCases(repo string) []valueCase {
 				for _, want := range []string{
 					":30020 {\n\t# this node's containerd only\n\tbind 127.0.0.1\n",
 					"https://:30021 {", "mode require_and_verify", "trust_pool file /etc/peermirror/peer-tls/ca.crt",
-					"strict_sni_host insecure_off", "mirror_port 30021", "bootstrap_port 30022", ":30022 {",
+					"strict_sni_host insecure_off", "peers_only", "mirror_port 30021", "bootstrap_port 30022", ":30022 {",
 					"cert /etc/peermirror/peer-tls/tls.crt"} {
 					if !strings.Contains(caddyfile, want) {
 						t.Errorf("Caddyfile lacks %q:\n%s", want, caddyfile)
@@ -229,7 +229,7 @@ func valueCases(repo string) []valueCase {
 				"--set", "containerd.mirrorTargets={http://127.0.0.1:30020,fd00::5}",
 				"--set", "peermirror.filterReferences={:latest$}",
 				"--set", "p2p.recordTTL=20m,p2p.reprovideInterval=5m",
-				"--set", "debugPage.port=30021",
+				"--set", "debugPage.port=30023",
 			},
 			kinds:      append(slices.Clone(defaultKinds), "NetworkPolicy", "ServiceMonitor"),
 			registries: []string{"_default"},
@@ -265,7 +265,7 @@ func valueCases(repo string) []valueCase {
 				for _, want := range []string{"key_file /etc/peermirror/keys/{$NODE_NAME}.pem", "https://:30443 {",
 					"auto_https disable_redirects", "protocols h1 h2",
 					`filter_reference ":latest$"`, "record_ttl 20m", "reprovide_interval 5m",
-					":30021 {\n\tbind 127.0.0.1\n\tpeermirror_debug {\n\t\tmirror http://127.0.0.1:30020"} {
+					":30023 {\n\tbind 127.0.0.1\n\tpeermirror_debug {\n\t\tmirror http://127.0.0.1:30020"} {
 					if !strings.Contains(caddyfile, want) {
 						t.Errorf("Caddyfile lacks %q", want)
 					}

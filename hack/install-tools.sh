@@ -42,7 +42,7 @@ if ! command -v chromium >/dev/null 2>&1 && [[ -z "${PEERMIRROR_CHROMIUM:-}" ]];
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 		echo "install-tools: chromium done in $((SECONDS - start))s" >&2
 	else
+		# only the debug page's browser test needs it; it fails with this hint
 		echo "install-tools: chromium is missing: install Debian's chromium package, or set PEERMIRROR_CHROMIUM" >&2
-		exit 1
 	fi
 fi

@@ -191,3 +191,11 @@ func (r *Registry) WaitForRequest(t T, request string) {
 		time.Sleep(pollInterval)
 	}
 }
+
+// Pid returns the registry's process ID, or 0 before it started.
+func (r *Registry) Pid() int {
+	if r.proc == nil {
+		return 0
+	}
+	return r.proc.cmd.Process.Pid
+}

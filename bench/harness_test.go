@@ -1,0 +1,537 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptrace"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/peermirror/peermirror/dht"
+	"github.com/peermirror/peermirror/internal/testenv"
+)
+
+// The harness (make bench, BENCH_QUICK=1 for the short form) measures
+// whole processes and writes BENCHMARKS.md: local serving against the
+// registry and Caddy's file_server, latency through a peer with 3 and 10
+// nodes, memory and start-up with many advertised keys. It reports; it
+// does not fail on a missed target (only on wrong bytes or errors).
+
+// harness collects the report.
+type harness struct {
+	quick  bool
+	out    strings.Builder
+	local1 float64 // local serving, one stream, GiB/s: the reference for peer serving
+}
+
+func (h *harness) printf(format string, args ...any) { fmt.Fprintf(&h.out, format, args...) }
+
+func TestHarness(t *testing.T) {
+	if os.Getenv("PEERMIRROR_BENCH_HARNESS") == "" {
+		t.Skip("the benchmark harness: make bench (BENCH_QUICK=1 make bench for the short form)")
+	}
+	h := &harness{quick: os.Getenv("BENCH_QUICK") != ""}
+	start := time.Now()
+	mode := "full"
+	if h.quick {
+		mode = "quick (BENCH_QUICK=1: smaller blobs, fewer requests; figures are rougher)"
+	}
+	h.printf("# Benchmarks\n\nWritten by `make bench` on %s; mode: %s.\n\n%s\n", time.Now().UTC().Format("2006-01-02 15:04 MST"),
+		mode, machine())
+	h.printf("Every figure comes from one run on this machine, where the clients, the servers and the hashing share " +
+		"the CPUs; ratios against a reference measured in the same run drift less than the raw figures.\n\n")
+	t.Run("local", h.local)
+	t.Run("peer", h.peer)
+	t.Run("latency", h.latency)
+	t.Run("memory", h.memory)
+	h.printf("\nThe whole harness took %s.\n", time.Since(start).Round(time.Second))
+	path := filepath.Join("..", "BENCHMARKS.md")
+	if dir := os.Getenv("PEERMIRROR_BENCH_OUT"); dir != "" {
+		path = dir
+	}
+	if err := os.WriteFile(path, []byte(h.out.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("wrote %s:\n%s", path, h.out.String())
+}
+
+// machine describes the machine the figures come from.
+func machine() string {
+	model := "unknown CPU"
+	if f, err := os.Open("/proc/cpuinfo"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if v, ok := strings.CutPrefix(sc.Text(), "model name"); ok {
+				model = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+				break
+			}
+		}
+		f.Close()
+	}
+	mem := ""
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		first, _, _ := strings.Cut(string(b), "\n")
+		if kb, err := strconv.ParseInt(strings.Fields(first)[1], 10, 64); err == nil {
+			mem = fmt.Sprintf(", %.1f GiB of memory", float64(kb)/(1<<20))
+		}
+	}
+	kernel, _ := exec.Command("uname", "-r").Output()
+	return fmt.Sprintf("Machine: %d vCPUs (%s)%s, Linux %s, %s.\n", runtime.NumCPU(), model, mem,
+		strings.TrimSpace(string(kernel)), runtime.Version())
+}
+
+// cpuSeconds returns the user and system CPU time a process has used.
+func cpuSeconds(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	fields := strings.Fields(s[strings.LastIndex(s, ")")+2:])
+	utime, _ := strconv.ParseFloat(fields[11], 64)
+	stime, _ := strconv.ParseFloat(fields[12], 64)
+	return (utime + stime) / 100 // clock ticks; 100 a second on Linux
+}
+
+// rss returns a process's resident set size and its peak, in MiB.
+func rss(pid int) (cur, peak float64) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 2 {
+			continue
+		}
+		kb, _ := strconv.ParseFloat(f[1], 64)
+		switch f[0] {
+		case "VmRSS:":
+			cur = kb / 1024
+		case "VmHWM:":
+			peak = kb / 1024
+		}
+	}
+	return cur, peak
+}
+
+// throughput GETs url with streams clients at once, rounds times each,
+// and returns the best aggregate rate in GiB/s and the server's CPU
+// seconds per GiB over all rounds.
+func throughput(t *testing.T, url string, size int64, streams, rounds, pid int) (float64, float64) {
+	t.Helper()
+	client := &http.Client{Transport: &http.Transport{Proxy: nil, DisableCompression: true, MaxIdleConnsPerHost: streams}}
+	defer client.CloseIdleConnections()
+	best := 0.0
+	cpu0 := cpuSeconds(pid)
+	var moved int64
+	for r := 0; r < rounds; r++ {
+		var wg sync.WaitGroup
+		start := time.Now()
+		for s := 0; s < streams; s++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				resp, err := client.Get(url)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				n, err := io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if err != nil || n != size || resp.StatusCode != http.StatusOK {
+					t.Errorf("GET %s: %d, %d of %d bytes, %v", url, resp.StatusCode, n, size, err)
+				}
+			}()
+		}
+		wg.Wait()
+		moved += int64(streams) * size
+		best = max(best, float64(int64(streams)*size)/(1<<30)/time.Since(start).Seconds())
+	}
+	return best, (cpuSeconds(pid) - cpu0) / (float64(moved) / (1 << 30))
+}
+
+// pushBlob uploads size pseudo-random bytes (seed 1, the same bytes as
+// setup writes into containerd) to the registry, monolithically.
+func pushBlob(t *testing.T, reg *testenv.Registry, repo string, size int64, d digest.Digest) {
+	t.Helper()
+	resp, err := http.Post(reg.URL+"/v2/"+repo+"/blobs/uploads/", "application/octet-stream", nil)
+	if err != nil || resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("starting an upload: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	loc := resp.Header.Get("Location")
+	if !strings.HasPrefix(loc, "http") {
+		loc = reg.URL + loc
+	}
+	sep := "?"
+	if strings.Contains(loc, "?") {
+		sep = "&"
+	}
+	req, _ := http.NewRequest(http.MethodPut, loc+sep+"digest="+d.String(),
+		&randomReader{src: rand.NewChaCha8([32]byte{1}), left: size})
+	req.ContentLength = size
+	req.Header.Set("Content-Type", "application/octet-stream")
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != http.StatusCreated {
+		t.Fatalf("uploading the blob: %v %v", resp, err)
+	}
+	resp.Body.Close()
+}
+
+// local measures one blob served from this node's containerd against the
+// registry and Caddy's file_server serving the same bytes.
+func (h *harness) local(t *testing.T) {
+	size := int64(1 << 30)
+	rounds := 3
+	if h.quick {
+		size, rounds = 128<<20, 2
+	}
+	ctrd, path := setup2(t, size)
+	d := digest.Digest(path[strings.LastIndex(path, "/")+1:])
+	mirror := startMirrorT(t, ctrd)
+
+	reg := testenv.StartRegistry(t)
+	pushBlob(t, reg, "bench/blob", size, d)
+
+	dir := t.TempDir()
+	blobFile := filepath.Join(ctrd.ContentDir, "blobs", "sha256", d.Encoded())
+	if err := os.Link(blobFile, filepath.Join(dir, "blob")); err != nil {
+		b, err := os.ReadFile(blobFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "blob"), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fileServer := testenv.StartCaddy(t, func(port int, admin string) string {
+		return fmt.Sprintf("{\n\tadmin %s\n}\n:%d {\n\troot * %s\n\tfile_server\n\trespond /v2/ 200\n}\n", admin, port, dir)
+	})
+
+	type server struct {
+		name string
+		url  string
+		pid  int
+	}
+	servers := []server{
+		{"peermirror (containerd's blob file)", mirror.URL + path, mirror.Pid()},
+		{"distribution registry 3.1.2", reg.URL + "/v2/bench/blob/blobs/" + d.String(), reg.Pid()},
+		{"Caddy file_server", fileServer.URL + "/blob", fileServer.Pid()},
+	}
+	h.printf("## 1. Local blob serving\n\nGET of one %s blob held by this node, best of %d rounds, one stream and four "+
+		"at once (aggregate), with the server's CPU seconds per GiB sent. Target: peermirror at least 1.0 of the "+
+		"registry. peermirror sends the blob file with sendfile(2) (`strace -c` on the Caddy process during GETs "+
+		"shows only sendfile calls of 64 KiB on the data path, no read/write pairs).\n\n", sizeName(size), rounds)
+	h.printf("| server | 1 stream GiB/s | CPU s/GiB | 4 streams GiB/s | CPU s/GiB | 1 stream vs registry | 4 streams vs registry |\n")
+	h.printf("| --- | --- | --- | --- | --- | --- | --- |\n")
+	type result struct{ one, cpu1, four, cpu4 float64 }
+	res := make([]result, len(servers))
+	for i, s := range servers {
+		res[i].one, res[i].cpu1 = throughput(t, s.url, size, 1, rounds, s.pid)
+		res[i].four, res[i].cpu4 = throughput(t, s.url, size, 4, rounds, s.pid)
+	}
+	for i, s := range servers {
+		h.printf("| %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", s.name, res[i].one, res[i].cpu1, res[i].four,
+			res[i].cpu4, res[i].one/res[1].one, res[i].four/res[1].four)
+	}
+	h.printf("\n")
+	h.local1 = res[0].one
+}
+
+// peer measures a blob fetched through a second node from the first, the
+// nodes in two network namespaces, against a plain Caddy reverse_proxy in
+// front of a plain file_server over the same two hops.
+func (h *harness) peer(t *testing.T) {
+	if os.Geteuid() != 0 {
+		h.printf("## 2. Peer serving\n\nSkipped: network namespaces need root.\n\n")
+		return
+	}
+	size := int64(1 << 30)
+	rounds := 3
+	if h.quick {
+		size, rounds = 128<<20, 2
+	}
+	reg := testenv.StartRegistry(t)
+	img := reg.PushUncompressedImage(t, "bench/peer", "v1", 1, size)
+	layer := img.Layers[0]
+	size = img.Sizes[layer]
+	network := testenv.NewNetwork(t, testenv.NetworkOptions{Family: testenv.IPv4})
+	ha, hb := network.AddHost(t, "a"), network.AddHost(t, "b")
+	a := testenv.StartNode(t, "A", "registry.test", reg.URL, testenv.NodeOptions{Host: ha})
+	b := testenv.StartNode(t, "B", "registry.test", reg.URL,
+		testenv.NodeOptions{Host: hb, Bootstrap: []string{a.Mirror.URL + dht.PeerListPath}})
+	a.Ctrd.PullRef(t, img.Ref("registry.test"))
+	path := "/v2/" + img.Repo + "/blobs/" + layer.String() + "?ns=registry.test"
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		resp, err := http.Head(b.Mirror.URL + path)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK && strings.HasPrefix(resp.Header.Get("X-Peermirror-Source"), "peer ") {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("B never found A's layer")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	// the reference: file_server in A's namespace, reverse_proxy in B's
+	dir := t.TempDir()
+	blobFile := filepath.Join(a.Ctrd.ContentDir, "blobs", "sha256", layer.Encoded())
+	if err := os.Link(blobFile, filepath.Join(dir, "blob")); err != nil {
+		t.Fatal(err)
+	}
+	const port = 30080
+	files := testenv.StartCaddy(t, func(_ int, admin string) string {
+		return fmt.Sprintf("{\n\tadmin %s\n}\n:%d {\n\troot * %s\n\trespond /v2/ 200\n\tfile_server\n}\n", admin, port, dir)
+	}, testenv.InNetns(ha.Netns), testenv.WithMirrorAddr(ha.Addrs[0], port))
+	proxy := testenv.StartCaddy(t, func(_ int, admin string) string {
+		return fmt.Sprintf("{\n\tadmin %s\n}\n:%d {\n\treverse_proxy %s\n}\n", admin, port,
+			strings.TrimPrefix(files.URL, "http://"))
+	}, testenv.InNetns(hb.Netns), testenv.WithMirrorAddr(hb.Addrs[0], port))
+
+	mirrorRate, mirrorCPU := throughput(t, b.Mirror.URL+path, size, 1, rounds, b.Mirror.Pid())
+	proxyRate, proxyCPU := throughput(t, proxy.URL+"/blob", size, 1, rounds, proxy.Pid())
+	h.printf("## 2. Peer serving\n\nOne %s layer held by node A, fetched by a client through node B's mirror (B "+
+		"looks it up in the DHT, fetches it from A and checks its digest while streaming), the nodes in two network "+
+		"namespaces; best of %d. Reference over the same two hops: a plain Caddy `reverse_proxy` in B's namespace in "+
+		"front of a plain `file_server` in A's. Targets: at least 0.8 of local serving (section 1), and at least the "+
+		"plain two-hop figure.\n\n", sizeName(size), rounds)
+	h.printf("| path | GiB/s | CPU s/GiB (B's process) | vs local serving | vs plain two hops |\n| --- | --- | --- | --- | --- |\n")
+	h.printf("| peermirror, B from A | %.2f | %.2f | %.2f | %.2f |\n", mirrorRate, mirrorCPU, mirrorRate/h.local1,
+		mirrorRate/proxyRate)
+	h.printf("| reverse_proxy to file_server | %.2f | %.2f | %.2f | 1.00 |\n\n", proxyRate, proxyCPU, proxyRate/h.local1)
+}
+
+// setup2 is setup for a *testing.T.
+func setup2(t *testing.T, size int64) (*testenv.Containerd, string) {
+	t.Helper()
+	ctrd := testenv.StartContainerd(t)
+	c := ctrd.Client(t)
+	ctx := namespaces.WithNamespace(context.Background(), ctrd.Namespace)
+	return ctrd, writeRandomBlob(t, ctx, c.ContentStore(), size)
+}
+
+// startMirrorT starts a Caddy with peermirror serving ctrd.
+func startMirrorT(t *testing.T, ctrd *testenv.Containerd) *testenv.Caddy {
+	return testenv.StartCaddy(t, func(port int, admin string) string {
+		return fmt.Sprintf("{\n\tadmin %s\n\tpeermirror {\n\t\tcontainerd {\n\t\t\taddress %s\n\t\t}\n\t}\n}\n:%d {\n\tpeermirror\n}\n",
+			admin, ctrd.Socket, port)
+	})
+}
+
+func sizeName(n int64) string {
+	if n >= 1<<30 {
+		return fmt.Sprintf("%d GiB", n>>30)
+	}
+	return fmt.Sprintf("%d MiB", n>>20)
+}
+
+// quantiles returns the p50 and p99 of d, in ms.
+func quantiles(d []time.Duration) (float64, float64) {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	q := func(p float64) float64 {
+		return float64(s[min(len(s)-1, int(p*float64(len(s))))].Microseconds()) / 1000
+	}
+	return q(0.5), q(0.99)
+}
+
+// timedGet sends one GET on a new connection and returns the time to the
+// first response byte, the total time, and the body's digest.
+func timedGet(t *testing.T, url string) (time.Duration, time.Duration, int, digest.Digest) {
+	t.Helper()
+	var first time.Time
+	trace := &httptrace.ClientTrace{GotFirstResponseByte: func() { first = time.Now() }}
+	req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), http.MethodGet, url, nil)
+	client := &http.Client{Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true, DisableCompression: true}}
+	start := time.Now()
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	dg := digest.Canonical.Digester()
+	_, err = io.Copy(dg.Hash(), resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	return first.Sub(start), time.Since(start), resp.StatusCode, dg.Digest()
+}
+
+// latency measures requests through a node's mirror for content only a
+// peer holds, with 3 and 10 nodes, each request on a new connection.
+func (h *harness) latency(t *testing.T) {
+	n := 60
+	if h.quick {
+		n = 20
+	}
+	h.printf("## 3. Latency through a peer\n\nA client asks the last node's mirror for content that only the first node "+
+		"holds, each request on a new connection, %d requests per row. Targets: first byte p50 at most 2 ms and p99 at "+
+		"most 5 ms; 10 MiB total p99 at most twice its p50; a 404 within 2 ms.\n\n", n)
+	h.printf("| nodes | first byte, new digest p50 / p99 ms | first byte, repeated p50 / p99 ms | 10 MiB total p50 / p99 ms | 404 p50 / p99 ms |\n")
+	h.printf("| --- | --- | --- | --- | --- |\n")
+	for _, nodes := range []int{3, 10} {
+		t.Run(strconv.Itoa(nodes), func(t *testing.T) {
+			h.latencyRow(t, nodes, n)
+		})
+	}
+	h.printf("\n")
+}
+
+func (h *harness) latencyRow(t *testing.T, count, n int) {
+	reg := testenv.StartRegistry(t)
+	small := reg.PushRandomImage(t, "bench/small", "v1", n, 64<<10)
+	big := reg.PushRandomImage(t, "bench/big", "v1", 1, 10<<20)
+	first := testenv.StartNode(t, "n0", "registry.test", reg.URL, testenv.NodeOptions{})
+	nodes := []*testenv.Node{first}
+	boot := testenv.NodeOptions{Bootstrap: []string{first.Mirror.URL + dht.PeerListPath}}
+	for i := 1; i < count; i++ {
+		nodes = append(nodes, testenv.StartNode(t, fmt.Sprintf("n%d", i), "registry.test", reg.URL, boot))
+	}
+	for _, img := range []testenv.Image{small, big} {
+		first.Ctrd.PullRef(t, img.Ref("registry.test"))
+	}
+	last := nodes[len(nodes)-1]
+	url := func(img testenv.Image, d digest.Digest) string {
+		return last.Mirror.URL + "/v2/" + img.Repo + "/blobs/" + d.String() + "?ns=registry.test"
+	}
+	// every layer findable from the last node: asked from another node, so
+	// the last node has asked for none of them
+	probe := nodes[len(nodes)/2]
+	deadline := time.Now().Add(2 * time.Minute)
+	for _, d := range append(slices.Clone(small.Layers), big.Layers...) {
+		for {
+			resp, err := http.Head(probe.Mirror.URL + "/v2/x/blobs/" + d.String() + "?ns=registry.test")
+			if err == nil {
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusOK {
+					break
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("layer %s never findable", d)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	var fresh, repeated, total, missing []time.Duration
+	for _, d := range small.Layers {
+		fb, _, status, got := timedGet(t, url(small, d))
+		if status != http.StatusOK || got != d {
+			t.Fatalf("new digest: %d, %s", status, got)
+		}
+		fresh = append(fresh, fb)
+	}
+	for i := 0; i < n; i++ {
+		d := small.Layers[i%len(small.Layers)]
+		fb, _, status, got := timedGet(t, url(small, d))
+		if status != http.StatusOK || got != d {
+			t.Fatalf("repeated digest: %d, %s", status, got)
+		}
+		repeated = append(repeated, fb)
+		_, all, status, got := timedGet(t, url(big, big.Layers[0]))
+		if status != http.StatusOK || got != big.Layers[0] {
+			t.Fatalf("10 MiB blob: %d, %s", status, got)
+		}
+		total = append(total, all)
+		_, miss, status, _ := timedGet(t, url(small, digest.FromString(fmt.Sprintf("nobody %d %d", count, i))))
+		if status != http.StatusNotFound {
+			t.Fatalf("missing digest: %d", status)
+		}
+		missing = append(missing, miss)
+	}
+	f50, f99 := quantiles(fresh)
+	r50, r99 := quantiles(repeated)
+	t50, t99 := quantiles(total)
+	m50, m99 := quantiles(missing)
+	h.printf("| %d | %.2f / %.2f | %.2f / %.2f | %.1f / %.1f | %.2f / %.2f |\n", count, f50, f99, r50, r99, t50, t99, m50, m99)
+}
+
+// memory measures a node's RSS idle and with many advertised tags, and
+// how long a node takes from its start until it advertises them all.
+func (h *harness) memory(t *testing.T) {
+	tags := 10000
+	if h.quick {
+		tags = 1000
+	}
+	reg := testenv.StartRegistry(t)
+	img := reg.PushRandomImage(t, "bench/many", "v1", 1, 64<<10)
+	a := testenv.StartNode(t, "A", "registry.test", reg.URL, testenv.NodeOptions{})
+	b := testenv.StartNode(t, "B", "registry.test", reg.URL,
+		testenv.NodeOptions{Bootstrap: []string{a.Mirror.URL + dht.PeerListPath}})
+	_ = b
+	a.Ctrd.PullRef(t, img.Ref("registry.test"))
+	time.Sleep(2 * time.Second)
+	idle, _ := rss(a.Mirror.Pid())
+
+	cl := a.Ctrd.Client(t)
+	ctx := namespaces.WithNamespace(context.Background(), a.Ctrd.Namespace)
+	target, err := cl.ImageService().Get(ctx, img.Ref("registry.test"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < tags; i++ {
+		name := fmt.Sprintf("registry.test/bench/many:t%05d", i)
+		if _, err := cl.ImageService().Create(ctx, images.Image{Name: name, Target: target.Target}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitTags(t, a.Mirror, tags+1)
+	with, peak := rss(a.Mirror.Pid())
+
+	// a node that starts with them all in its containerd
+	start := time.Now()
+	c := testenv.StartCaddy(t, func(port int, admin string) string {
+		return fmt.Sprintf("{\n\tadmin %s\n\tpeermirror {\n\t\tcontainerd {\n\t\t\taddress %s\n\t\t}\n"+
+			"\t\tdht {\n\t\t\tlisten /ip4/127.0.0.1/tcp/%d\n\t\t\tmirror_port %d\n\t\t\tbootstrap_http %s\n\t\t}\n\t}\n}\n:%d {\n\tpeermirror\n}\n",
+			admin, a.Ctrd.Socket, testenv.FreePort(t), port, a.Mirror.URL+dht.PeerListPath, port)
+	})
+	waitTags(t, c, tags+1)
+	startup := time.Since(start)
+	h.printf("## 5 and 6. Memory and start-up\n\nOne node's Caddy process; %d tags are image records pointing at one "+
+		"image. Targets: at most 64 MiB RSS with 10,000 keys; under 10 s from process start until 10,000 keys are "+
+		"advertised.\n\n", tags)
+	h.printf("| RSS idle (MiB) | RSS with %d tags (MiB) | peak RSS (MiB) | start to all %d tags advertised (s) |\n", tags, tags)
+	h.printf("| --- | --- | --- | --- |\n| %.1f | %.1f | %.1f | %.2f |\n\n", idle, with, peak, startup.Seconds())
+}
+
+// waitTags waits until c's node advertises n tags.
+func waitTags(t *testing.T, c *testenv.Caddy, n int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		resp, err := http.Get("http://" + c.AdminAddr + "/peermirror/advertised")
+		if err == nil {
+			var got struct{ Tags int }
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if _, err := fmt.Sscanf(string(b), `{"tags":%d`, &got.Tags); err == nil && got.Tags >= n {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("never advertised %d tags", n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
