@@ -86,7 +86,7 @@ bench: tools build
 		./bench/ >bin/bench-harness.log 2>&1 || { tail -50 bin/bench-harness.log; exit 1; }
 	@PEERMIRROR_CADDY=$(CADDY) PEERMIRROR_BENCH_COLD=1 $(GO) test -run '^TestColdStormTable$$' -count 1 -v -timeout 20m \
 		./caddytest >bin/cold-storms.log 2>&1 || { tail -50 bin/cold-storms.log; exit 1; }
-	@{ echo; echo "## 4. Every node pulling a new image at once (cold storms)"; echo; grep -E '^ +\||cold storms' bin/cold-storms.log | sed 's/^ *//'; } >>BENCHMARKS.md
+	@{ echo; echo "## 4. Every node pulling a new image at once (cold storms)"; echo; grep -E '^ +\||cold storms' bin/cold-storms.log | sed 's/^ *//; s/^[a-z_]*_test.go:[0-9]*: //'; } >>BENCHMARKS.md
 	@cat BENCHMARKS.md
 
 ## chart: helm lint and helm template of the chart, with the default and the GPU values
