@@ -59,6 +59,7 @@ func TestHarness(t *testing.T) {
 	t.Run("local", h.local)
 	t.Run("peer", h.peer)
 	t.Run("latency", h.latency)
+	t.Run("rollout", h.rollout)
 	t.Run("memory", h.memory)
 	h.printf("\nSections 1 to 3, 5 and 6 took %s.\n", time.Since(start).Round(time.Second))
 	path := filepath.Join("..", "BENCHMARKS.md")
@@ -545,4 +546,92 @@ func waitTags(t *testing.T, c *testenv.Caddy, n int) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// upstreamBytes sums the body bytes the registry sent for manifests and
+// blobs since the access log had skip lines.
+func upstreamBytes(reg *testenv.Registry, skip int) (int64, int) {
+	log := reg.AccessLog()
+	var n int64
+	for _, r := range log[min(skip, len(log)):] {
+		if r.Method == http.MethodGet && (strings.Contains(r.Path, "/blobs/") || strings.Contains(r.Path, "/manifests/")) {
+			n += r.Bytes
+		}
+	}
+	return n, len(log)
+}
+
+// pullAll pulls ref on every node at once and returns each pull's time.
+func pullAll(t *testing.T, nodes []*testenv.Node, ref string) []time.Duration {
+	t.Helper()
+	times := make([]time.Duration, len(nodes))
+	var wg sync.WaitGroup
+	for i, n := range nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			start := time.Now()
+			if out, err := n.Ctrd.Ctr(t, "images", "pull", "--hosts-dir", n.Ctrd.CertsDir, ref); err != nil {
+				t.Errorf("%s pulling %s: %v\n%s", n.Name, ref, err, out)
+			}
+			times[i] = time.Since(start)
+		}()
+	}
+	wg.Wait()
+	return times
+}
+
+// rollout is a rolling update: every node pulls a v1 image at once, then
+// a v2 image in waves of 20% of the nodes, for a small and a large image.
+func (h *harness) rollout(t *testing.T) {
+	count := 10
+	sizes := []struct {
+		layers int
+		size   int64
+	}{{1, 10 << 20}, {4, 25 << 20}}
+	if h.quick {
+		count, sizes = 5, sizes[:1]
+	}
+	h.printf("## 4. Rolling update\n\n%d nodes on loopback (a containerd and a Caddy each) with one registry: every node "+
+		"pulls v1 at once, then v2 in waves of 20%% of the nodes, one wave after the other. Upstream bytes are what the "+
+		"registry sent for manifests and blobs, as copies of the image.\n\n", count)
+	h.printf("| image | phase | pull p50 (s) | pull p99 (s) | upstream copies |\n| --- | --- | --- | --- | --- |\n")
+	for _, sz := range sizes {
+		reg := testenv.StartRegistry(t)
+		v1 := reg.PushRandomImage(t, "bench/app", "v1", sz.layers, sz.size)
+		v2 := reg.PushRandomImage(t, "bench/app", "v2", sz.layers, sz.size)
+		first := testenv.StartNode(t, "r0", "registry.test", reg.URL, testenv.NodeOptions{})
+		nodes := []*testenv.Node{first}
+		boot := testenv.NodeOptions{Bootstrap: []string{first.Mirror.URL + dht.PeerListPath}}
+		for i := 1; i < count; i++ {
+			nodes = append(nodes, testenv.StartNode(t, fmt.Sprintf("r%d", i), "registry.test", reg.URL, boot))
+		}
+		imageBytes := func(img testenv.Image) int64 {
+			var n int64
+			for _, v := range img.Sizes {
+				n += v
+			}
+			return n
+		}
+		name := fmt.Sprintf("%d x %d MiB", sz.layers, sz.size>>20)
+		_, mark := upstreamBytes(reg, 0)
+		times := pullAll(t, nodes, v1.Ref("registry.test"))
+		sent, mark := upstreamBytes(reg, mark)
+		p50, p99 := quantiles(times)
+		h.printf("| %s | v1, all at once | %.2f | %.2f | %.2f |\n", name, p50/1000, p99/1000, float64(sent)/float64(imageBytes(v1)))
+		wave := max(1, count/5)
+		var all []time.Duration
+		for i := 0; i < count; i += wave {
+			all = append(all, pullAll(t, nodes[i:min(i+wave, count)], v2.Ref("registry.test"))...)
+		}
+		sent, _ = upstreamBytes(reg, mark)
+		p50, p99 = quantiles(all)
+		h.printf("| %s | v2, waves of %d | %.2f | %.2f | %.2f |\n", name, wave, p50/1000, p99/1000,
+			float64(sent)/float64(imageBytes(v2)))
+		for _, n := range nodes {
+			n.Mirror.Stop(t)
+			n.Ctrd.Stop(t)
+		}
+	}
+	h.printf("\n")
 }

@@ -34,6 +34,7 @@ type Request struct {
 	Method    string // "GET", "HEAD", ...
 	Path      string // request URI with query, e.g. "/v2/team/app/manifests/v1?ns=registry.test"
 	Status    int    // HTTP status code
+	Bytes     int64  // body bytes sent
 	UserAgent string
 }
 
@@ -136,7 +137,7 @@ func (r *Registry) LogPath() string { return r.logPath }
 
 // accessLogLine matches a combined-log-format line such as
 // 127.0.0.1 - - [04/Dec/2026:17:08:48 +0000] "GET /v2/ HTTP/1.1" 200 2 "" "curl/7.88.1"
-var accessLogLine = regexp.MustCompile(`^\S+ \S+ \S+ \[[^\]]*\] "([A-Z]+) (\S+) HTTP/[0-9.]+" (\d{3}) \S+ "[^"]*" "([^"]*)"`)
+var accessLogLine = regexp.MustCompile(`^\S+ \S+ \S+ \[[^\]]*\] "([A-Z]+) (\S+) HTTP/[0-9.]+" (\d{3}) (\S+) "[^"]*" "([^"]*)"`)
 
 // AccessLog returns every request in the registry's access log so far, in
 // order. The registry writes a line once it has handled a request.
@@ -152,7 +153,8 @@ func (r *Registry) AccessLog() []Request {
 			continue
 		}
 		status, _ := strconv.Atoi(m[3])
-		reqs = append(reqs, Request{Method: m[1], Path: m[2], Status: status, UserAgent: m[4]})
+		n, _ := strconv.ParseInt(m[4], 10, 64) // "-" for none
+		reqs = append(reqs, Request{Method: m[1], Path: m[2], Status: status, Bytes: n, UserAgent: m[5]})
 	}
 	return reqs
 }
