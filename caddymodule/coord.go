@@ -291,8 +291,8 @@ func (h *Handler) serveCold(w http.ResponseWriter, r *http.Request, f *peerFetch
 var following sync.Map
 
 // followFetch renews this node's claim on d while its containerd
-// downloads d, and gives the claim up when the download is committed,
-// fails, stalls or never starts.
+// downloads d; it gives the claim up when the download fails, stalls or
+// never starts, and lets it run out when the download is committed.
 func followFetch(a *App, f *peerFetcher, r *dht.Router, d digest.Digest) {
 	if _, busy := following.LoadOrStore(d, true); busy {
 		return
@@ -338,8 +338,14 @@ func followFetch(a *App, f *peerFetcher, r *dht.Router, d digest.Digest) {
 				break
 			}
 		}
-		if _, err := a.askClaim(ctx, f, r, d, true); err != nil {
-			a.logger.Debug("releasing a claim", zap.String("digest", d.String()), zap.Error(err))
+		// a committed blob keeps its claim until the lease runs out: a node
+		// that misses it before this node's provider record is in the DHT
+		// is pointed here and served the committed blob, instead of being
+		// told to fetch it from upstream again
+		if outcome != "committed" {
+			if _, err := a.askClaim(ctx, f, r, d, true); err != nil {
+				a.logger.Debug("releasing a claim", zap.String("digest", d.String()), zap.Error(err))
+			}
 		}
 		a.logger.Debug("cold pull for the cluster ended", zap.String("digest", d.String()),
 			zap.String("outcome", outcome), zap.Duration("took", time.Since(start)))

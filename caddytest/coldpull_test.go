@@ -138,6 +138,14 @@ func TestNetnsColdStorm(t *testing.T) {
 	}
 	if copies > 1.2 {
 		t.Errorf("upstream sent %.2f copies of the image's blobs, want at most 1.2", copies)
+		for _, n := range nodes {
+			for _, l := range n.Mirror.LogLines(`"logger":"http.handlers.peermirror"`, "cold pull") {
+				t.Logf("%s: %s", n.Name, l)
+			}
+			for _, l := range n.Mirror.LogLines(`"msg":"peer attempt failed"`) {
+				t.Logf("%s: %s", n.Name, l)
+			}
+		}
 	}
 	for _, d := range img.Layers {
 		var fetchers []string
