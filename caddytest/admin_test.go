@@ -2,10 +2,12 @@ package caddytest
 
 import (
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -67,6 +69,19 @@ func TestAdminAPI(t *testing.T) {
 	}
 	if adv.Tags != 1 || adv.Digests != len(img.All()) {
 		t.Fatalf("advertised %d tags and %d digests, want 1 and %d", adv.Tags, adv.Digests, len(img.All()))
+	}
+	// the same counts on /metrics
+	resp, err := testenv.HTTPClient().Get("http://" + a.Mirror.AdminAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsBody, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`peermirror_advertised_keys{kind="tag"} 1`,
+		fmt.Sprintf(`peermirror_advertised_keys{kind="digest"} %d`, len(img.All()))} {
+		if !strings.Contains(string(metricsBody), want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
 	}
 
 	var lookup struct {
