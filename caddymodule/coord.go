@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -247,6 +248,10 @@ func (h *Handler) serveCold(w http.ResponseWriter, r *http.Request, f *peerFetch
 	if router == nil {
 		return errNoPeer
 	}
+	if followingCount.Load() >= maxFollowing {
+		metrics.cold.WithLabelValues("uncoordinated").Inc()
+		return fmt.Errorf("%w: following %d downloads already", errNoPeer, maxFollowing)
+	}
 	c, err := h.app.askClaim(r.Context(), f, router, req.digest, false)
 	if err != nil {
 		h.logger.Debug("cold pull coordination failed", zap.String("digest", req.digest.String()), zap.Error(err))
@@ -287,8 +292,18 @@ func (h *Handler) serveCold(w http.ResponseWriter, r *http.Request, f *peerFetch
 	return h.streamVerified(w, r, f, body, res, req.digest, size)
 }
 
-// following is the set of digests this node is fetching for the cluster.
-var following sync.Map
+// following is the set of digests this node is fetching for the cluster,
+// and followingCount its size.
+var (
+	following      sync.Map
+	followingCount atomic.Int64
+)
+
+// maxFollowing bounds the downloads followed at once: each polls
+// containerd every second, and a flood of misses for digests nobody will
+// fetch must not turn into a flood of polls. Past it, misses are not
+// coordinated (a plain 404).
+const maxFollowing = 256
 
 // followFetch renews this node's claim on d while its containerd
 // downloads d; it gives the claim up when the download fails, stalls or
@@ -297,9 +312,13 @@ func followFetch(a *App, f *peerFetcher, r *dht.Router, d digest.Digest) {
 	if _, busy := following.LoadOrStore(d, true); busy {
 		return
 	}
+	followingCount.Add(1)
 	store := a.Store()
 	go func() {
-		defer following.Delete(d)
+		defer func() {
+			following.Delete(d)
+			followingCount.Add(-1)
+		}()
 		ctx, cancel := context.WithTimeout(context.Background(), 6*time.Hour) // bounds a lost download
 		defer cancel()
 		start := time.Now()
