@@ -61,7 +61,7 @@ func TestHarness(t *testing.T) {
 	t.Run("latency", h.latency)
 	t.Run("rollout", h.rollout)
 	t.Run("memory", h.memory)
-	h.printf("\nSections 1 to 3, 5 and 6 took %s.\n", time.Since(start).Round(time.Second))
+	h.printf("\nThe sections above took %s.\n", time.Since(start).Round(time.Second))
 	path := filepath.Join("..", "BENCHMARKS.md")
 	if dir := os.Getenv("PEERMIRROR_BENCH_OUT"); dir != "" {
 		path = dir
