@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -267,10 +268,7 @@ func (h *Handler) serveCold(w http.ResponseWriter, r *http.Request, f *peerFetch
 	h.logger.Debug("following another node's download", zap.String("digest", req.digest.String()),
 		zap.String("fetcher", c.Fetcher))
 	metrics.cold.WithLabelValues("follower").Inc()
-	ch := make(chan peerCandidate, 1)
-	ch <- peerCandidate{id: c.Fetcher, url: c.URL}
-	close(ch)
-	cands := newCandidates(ch, f.bad)
+	fetcher := peerCandidate{id: c.Fetcher, url: c.URL}
 	preq := peerRequest{method: http.MethodGet, path: peerPath(req), ingest: true}
 	key := req.digest.String()
 	check := func(resp *http.Response) error {
@@ -282,7 +280,28 @@ func (h *Handler) serveCold(w http.ResponseWriter, r *http.Request, f *peerFetch
 		}
 		return nil
 	}
-	res, err := f.open(r.Context(), cands, preq, f.resolveTimeout, check)
+	// a fetcher that has only just been told to fetch may answer before
+	// its download shows up: one more try after a moment
+	var cands *candidates
+	var res attemptResult
+	for try := 0; try < 2; try++ {
+		if try > 0 {
+			select {
+			case <-time.After(200 * time.Millisecond):
+			case <-r.Context().Done():
+				return err
+			}
+		}
+		ch := make(chan peerCandidate, 1)
+		ch <- fetcher
+		close(ch)
+		cands = newCandidates(ch, f.bad)
+		if res, err = f.open(r.Context(), cands, preq, f.resolveTimeout, check); err == nil {
+			break
+		}
+		h.logger.Debug("following a download failed", zap.String("digest", req.digest.String()),
+			zap.String("fetcher", c.Fetcher), zap.Int("try", try+1), zap.Error(err))
+	}
 	if err != nil {
 		return err
 	}
@@ -379,27 +398,26 @@ func (h *Handler) serveIngest(w http.ResponseWriter, r *http.Request, store *con
 	ctx := r.Context()
 	deadline := time.Now().Add(ingestStartWait)
 	var in contentstore.Ingest
-	var err error
+	var file *os.File
 	for {
-		in, err = store.FindIngest(ctx, req.digest)
-		if err == nil {
-			break
+		var err error
+		if in, err = store.FindIngest(ctx, req.digest); err == nil {
+			// containerd makes the ingest folder, then its ref and data
+			// files: a download that has just started may not be open yet
+			if file, err = store.OpenIngest(in); err == nil {
+				break
+			}
 		}
 		// committed meanwhile: the usual path serves it
 		if _, derr := store.Descriptor(ctx, req.digest); derr == nil {
 			return h.serveBlob(w, r, store, req)
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
+			h.logger.Debug("no download in progress to stream", zap.String("digest", req.digest.String()),
+				zap.Error(err))
 			return err
 		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	file, err := store.OpenIngest(in)
-	if err != nil {
-		if _, derr := store.Descriptor(ctx, req.digest); derr == nil {
-			return h.serveBlob(w, r, store, req) // committed meanwhile
-		}
-		return err
+		time.Sleep(20 * time.Millisecond)
 	}
 	rd := contentstore.NewIngestReader(ctx, file, in.Total, ingestStall)
 	defer rd.Close()
