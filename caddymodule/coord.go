@@ -318,8 +318,11 @@ var (
 	followingCount atomic.Int64
 )
 
+// followPoll is how often a followed download is checked.
+const followPoll = 200 * time.Millisecond
+
 // maxFollowing bounds the downloads followed at once: each polls
-// containerd every second, and a flood of misses for digests nobody will
+// containerd every followPoll, and a flood of misses for digests nobody will
 // fetch must not turn into a flood of polls. Past it, misses are not
 // coordinated (a plain 404).
 const maxFollowing = 256
@@ -340,14 +343,41 @@ func followFetch(a *App, f *peerFetcher, r *dht.Router, d digest.Digest) {
 		}()
 		ctx, cancel := context.WithTimeout(context.Background(), 6*time.Hour) // bounds a lost download
 		defer cancel()
+		// containerd's commit event ends the follow at once, even when the
+		// blob is gone again before the next check (a quick image removal)
+		committed := make(chan struct{})
+		sub := store.Subscribe()
+		defer sub.Close()
+		go func() {
+			for {
+				ev, err := sub.Next(ctx)
+				if err != nil {
+					return
+				}
+				if ev.Kind == contentstore.ContentCreated && ev.Digest == d {
+					close(committed)
+					return
+				}
+			}
+		}()
 		start := time.Now()
 		var last int64 = -1
 		lastGrowth := time.Now()
 		seen := false
-		tick := time.NewTicker(time.Second)
+		// checked often, so that a download that is over within moments
+		// (a small blob, a fast upstream) frees its followers at once;
+		// the claim is renewed about once a second
+		tick := time.NewTicker(followPoll)
 		defer tick.Stop()
 		outcome := "committed"
-		for range tick.C {
+		lastRenew := time.Now()
+	follow:
+		for {
+			select {
+			case <-committed:
+				break follow
+			case <-tick.C:
+			}
 			in, err := store.FindIngest(ctx, d)
 			now := time.Now()
 			if err == nil {
@@ -359,8 +389,11 @@ func followFetch(a *App, f *peerFetcher, r *dht.Router, d digest.Digest) {
 					outcome = "stalled"
 					break
 				}
-				if _, err := a.askClaim(ctx, f, r, d, false); err != nil {
-					a.logger.Debug("renewing a claim", zap.String("digest", d.String()), zap.Error(err))
+				if now.Sub(lastRenew) >= time.Second {
+					lastRenew = now
+					if _, err := a.askClaim(ctx, f, r, d, false); err != nil {
+						a.logger.Debug("renewing a claim", zap.String("digest", d.String()), zap.Error(err))
+					}
 				}
 				continue
 			}
@@ -391,8 +424,9 @@ func followFetch(a *App, f *peerFetcher, r *dht.Router, d digest.Digest) {
 }
 
 // serveIngest answers a node that follows this node's download of a blob
-// that is not committed yet: it waits for containerd to start the
-// download and streams it as containerd writes it. It returns an error
+// that is not committed yet: while this node follows that download, it
+// waits for containerd to start it and streams it as containerd writes
+// it; otherwise it answers at once. It returns an error
 // wrapping contentstore.ErrNotFound when there is no such download.
 func (h *Handler) serveIngest(w http.ResponseWriter, r *http.Request, store *contentstore.Store, req ociRequest) error {
 	ctx := r.Context()
@@ -412,7 +446,10 @@ func (h *Handler) serveIngest(w http.ResponseWriter, r *http.Request, store *con
 		if _, derr := store.Descriptor(ctx, req.digest); derr == nil {
 			return h.serveBlob(w, r, store, req)
 		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
+		// nothing to wait for unless this node follows its own download
+		// of it (from the claim until containerd commits or gives up)
+		_, active := following.Load(req.digest)
+		if !active || time.Now().After(deadline) || ctx.Err() != nil {
 			h.logger.Debug("no download in progress to stream", zap.String("digest", req.digest.String()),
 				zap.Error(err))
 			return err
