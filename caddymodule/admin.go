@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/opencontainers/go-digest"
 )
 
 func init() {
@@ -85,6 +84,12 @@ func handleAdminNode(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	return writeJSON(w, a.nodeView())
+}
+
+// nodeView describes this node: its identity, announced addresses and
+// containerd connection.
+func (a *App) nodeView() adminNode {
 	out := adminNode{Containerd: adminContainer{Address: a.storeCfg.Address, Namespace: a.storeCfg.Namespace}}
 	if s := a.Store(); s != nil {
 		out.Containerd.Connected = s.Connected()
@@ -98,7 +103,35 @@ func handleAdminNode(w http.ResponseWriter, r *http.Request) error {
 			out.Addrs = append(out.Addrs, addr.String())
 		}
 	}
-	return writeJSON(w, out)
+	return out
+}
+
+// peerViews lists the peers this node is connected to, with the mirror
+// address of each.
+func (a *App) peerViews() []adminPeer {
+	peers := []adminPeer{}
+	if router := a.router.Load(); router != nil {
+		for _, p := range router.Peers() {
+			peers = append(peers, adminPeer{ID: p.ID.String(), MirrorURL: p.MirrorURL})
+		}
+	}
+	return peers
+}
+
+// advertisedCounts returns the keys this node advertises and how many of
+// them are tags and digests.
+func (a *App) advertisedCounts() (keys []string, tags, digests int) {
+	if router := a.router.Load(); router != nil {
+		keys = router.Advertised()
+	}
+	for _, k := range keys {
+		if isTagKey(k) == 1 {
+			tags++
+		} else {
+			digests++
+		}
+	}
+	return keys, tags, digests
 }
 
 type adminPeer struct {
@@ -113,13 +146,7 @@ func handleAdminPeers(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	peers := []adminPeer{}
-	if router := a.router.Load(); router != nil {
-		for _, p := range router.Peers() {
-			peers = append(peers, adminPeer{ID: p.ID.String(), MirrorURL: p.MirrorURL})
-		}
-	}
-	return writeJSON(w, map[string]any{"peers": peers})
+	return writeJSON(w, map[string]any{"peers": a.peerViews()})
 }
 
 // handleAdminAdvertised answers how many tags and digests this node
@@ -134,18 +161,10 @@ func handleAdminAdvertised(w http.ResponseWriter, r *http.Request) error {
 		Digests int      `json:"digests"`
 		Keys    []string `json:"keys,omitempty"`
 	}{}
-	if router := a.router.Load(); router != nil {
-		keys := router.Advertised()
-		for _, k := range keys {
-			if _, err := digest.Parse(k); err == nil {
-				out.Digests++
-			} else {
-				out.Tags++
-			}
-		}
-		if list, _ := strconv.ParseBool(r.URL.Query().Get("keys")); list {
-			out.Keys = keys
-		}
+	var keys []string
+	keys, out.Tags, out.Digests = a.advertisedCounts()
+	if list, _ := strconv.ParseBool(r.URL.Query().Get("keys")); list {
+		out.Keys = keys
 	}
 	return writeJSON(w, out)
 }

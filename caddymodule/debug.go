@@ -22,6 +22,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/distribution/reference"
+	"github.com/dustin/go-humanize"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"go.uber.org/zap"
@@ -39,7 +40,7 @@ func init() {
 var debugFS embed.FS
 
 var debugPage = template.Must(template.New("debug.html").Funcs(template.FuncMap{
-	"bytes": formatBytes,
+	"bytes": func(n int64) string { return humanize.IBytes(uint64(max(n, 0))) },
 	"ms":    func(d time.Duration) string { return strconv.FormatFloat(d.Seconds()*1000, 'f', 1, 64) },
 	"short": shortDigest,
 	"clock": func(t time.Time) string { return t.Local().Format("15:04:05.000") },
@@ -180,30 +181,8 @@ func (h *DebugHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddy
 func (h *DebugHandler) collect() debugData {
 	a := h.app
 	d := debugData{Mirror: h.Mirror, Generated: time.Now(), Platform: runtime.GOOS + "/" + runtime.GOARCH,
-		Registries: a.Registries, Peers: []adminPeer{}}
-	d.Node.Containerd = adminContainer{Address: a.storeCfg.Address, Namespace: a.storeCfg.Namespace}
-	if s := a.Store(); s != nil {
-		d.Node.Containerd.Connected = s.Connected()
-		d.Node.Containerd.ContentDir = s.ContentDir()
-	}
-	if router := a.router.Load(); router != nil {
-		d.Node.PeerToPeer = true
-		d.Node.PeerID = router.ID().String()
-		d.Node.MirrorPort = a.DHT.MirrorPort
-		for _, addr := range router.Addrs() {
-			d.Node.Addrs = append(d.Node.Addrs, addr.String())
-		}
-		for _, p := range router.Peers() {
-			d.Peers = append(d.Peers, adminPeer{ID: p.ID.String(), MirrorURL: p.MirrorURL})
-		}
-		for _, k := range router.Advertised() {
-			if _, err := digest.Parse(k); err == nil {
-				d.Digests++
-			} else {
-				d.Tags++
-			}
-		}
-	}
+		Registries: a.Registries, Node: a.nodeView(), Peers: a.peerViews()}
+	_, d.Tags, d.Digests = a.advertisedCounts()
 	var counts map[string]int64
 	d.Requests, counts = recentRequests.snapshot()
 	for _, s := range []string{"local", "peer", "miss", "invalid", "error", "busy"} {
@@ -408,19 +387,6 @@ func (h *DebugHandler) measureOne(ctx context.Context, res measureResult, kind, 
 var manifestTypes = []string{ocispec.MediaTypeImageIndex, ocispec.MediaTypeImageManifest,
 	"application/vnd.docker.distribution.manifest.list.v2+json",
 	"application/vnd.docker.distribution.manifest.v2+json", "*/*"}
-
-func formatBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return strconv.FormatInt(n, 10) + " B"
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return strconv.FormatFloat(float64(n)/float64(div), 'f', 1, 64) + " " + "KMGTPE"[exp:exp+1] + "iB"
-}
 
 func shortDigest(d string) string {
 	if _, hex, ok := strings.Cut(d, ":"); ok && len(hex) > 12 {

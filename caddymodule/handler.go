@@ -271,7 +271,8 @@ func (h *Handler) serveProbe(w http.ResponseWriter, r *http.Request) {
 var errWrongKind = errors.New("content is not of the kind asked for")
 
 // serveManifest answers a manifest request by tag or digest.
-func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, store *contentstore.Store, req ociRequest) error {
+func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, store *contentstore.Store,
+	req ociRequest) error {
 	ctx := r.Context()
 	var desc ocispec.Descriptor
 	var err error

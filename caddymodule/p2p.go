@@ -138,7 +138,8 @@ func (a *App) startP2P() error {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	a.stopAdvertiser = func() { cancel(); <-done }
-	adv := newAdvertiser(a.Store(), r, a.advertisable, time.Duration(a.DHT.ReprovideInterval), a.logger.Named("advertiser"))
+	adv := newAdvertiser(a.Store(), r, a.advertisable, time.Duration(a.DHT.ReprovideInterval),
+		a.logger.Named("advertiser"))
 	a.advertiser.Store(adv)
 	go func() {
 		defer close(done)
