@@ -111,6 +111,7 @@ type Router struct {
 	ifaces *interfaceCache
 	infos  *infoCache
 	adv    *advertiser
+	dials  *dialer
 	// aloneWarnAfter: see defaultAloneWarnAfter; tests shorten it.
 	aloneWarnAfter time.Duration
 	// connGrace and connSilence: see defaultConnGrace and
@@ -159,6 +160,7 @@ func New(cfg Config, logger *zap.Logger) (*Router, error) {
 		ifaces: &interfaceCache{},
 		infos:  newInfoCache(),
 		adv:    newAdvertiser(),
+		dials:  newDialer(),
 
 		aloneWarnAfter: max(defaultAloneWarnAfter, 3*pc.BootstrapInterval),
 		connGrace:      defaultConnGrace,

@@ -5,7 +5,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"go.uber.org/zap"
 )
@@ -180,22 +179,4 @@ func (r *Router) resolve(
 		mu.Unlock()
 		ce.Write(zap.String("key", key), zap.Int("peers", n), zap.Duration("took", time.Since(start)))
 	}
-}
-
-// ensureConnected dials ai unless a connection exists, finding its
-// addresses through the DHT when none are known.
-func (r *Router) ensureConnected(ctx context.Context, ai peer.AddrInfo) error {
-	if r.host.Network().Connectedness(ai.ID) == network.Connected {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(ctx, connectTimeout)
-	defer cancel()
-	if len(ai.Addrs) == 0 && len(r.host.Peerstore().Addrs(ai.ID)) == 0 {
-		found, err := r.kad.FindPeer(ctx, ai.ID)
-		if err != nil {
-			return err
-		}
-		ai = found
-	}
-	return r.host.Connect(ctx, ai)
 }
