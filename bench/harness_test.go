@@ -112,24 +112,44 @@ func cpuSeconds(pid int) float64 {
 
 // rss returns a process's resident set size and its peak, in MiB.
 func rss(pid int) (cur, peak float64) {
+	st := procStatus(pid)
+	return st["VmRSS"], st["VmHWM"]
+}
+
+// procStatus returns the sizes in a process's /proc status file (VmRSS,
+// VmHWM, RssAnon, RssFile...), in MiB.
+func procStatus(pid int) map[string]float64 {
+	out := map[string]float64{}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return 0, 0
+		return out
 	}
 	for _, l := range strings.Split(string(b), "\n") {
 		f := strings.Fields(l)
-		if len(f) < 2 {
+		if len(f) != 3 || f[2] != "kB" {
 			continue
 		}
 		kb, _ := strconv.ParseFloat(f[1], 64)
-		switch f[0] {
-		case "VmRSS:":
-			cur = kb / 1024
-		case "VmHWM:":
-			peak = kb / 1024
-		}
+		out[strings.TrimSuffix(f[0], ":")] = kb / 1024
 	}
-	return cur, peak
+	return out
+}
+
+// settledRSS waits up to 30 s for a process's resident set to stop
+// shrinking (the Go runtime hands freed memory back to the kernel over
+// some seconds after a burst of work) and returns it with its anonymous
+// part, in MiB.
+func settledRSS(pid int) (cur, anon float64) {
+	last := procStatus(pid)
+	for i := 0; i < 15; i++ {
+		time.Sleep(2 * time.Second)
+		st := procStatus(pid)
+		if st["VmRSS"] >= last["VmRSS"]-0.5 {
+			return st["VmRSS"], st["RssAnon"]
+		}
+		last = st
+	}
+	return last["VmRSS"], last["RssAnon"]
 }
 
 // throughput GETs url with streams clients at once, rounds times each,
@@ -275,9 +295,9 @@ func (h *harness) peer(t *testing.T) {
 	size = img.Sizes[layer]
 	network := testenv.NewNetwork(t, testenv.NetworkOptions{Family: testenv.IPv4})
 	ha, hb := network.AddHost(t, "a"), network.AddHost(t, "b")
-	a := testenv.StartNode(t, "A", "registry.test", reg.URL, testenv.NodeOptions{Host: ha})
+	a := testenv.StartNode(t, "A", "registry.test", reg.URL, testenv.NodeOptions{Host: ha, Quiet: true})
 	b := testenv.StartNode(t, "B", "registry.test", reg.URL,
-		testenv.NodeOptions{Host: hb, Bootstrap: []string{a.Mirror.URL + dht.PeerListPath}})
+		testenv.NodeOptions{Host: hb, Quiet: true, Bootstrap: []string{a.Mirror.URL + dht.PeerListPath}})
 	a.Ctrd.PullRef(t, img.Ref("registry.test"))
 	path := "/v2/" + img.Repo + "/blobs/" + layer.String() + "?ns=registry.test"
 	deadline := time.Now().Add(2 * time.Minute)
@@ -312,6 +332,8 @@ func (h *harness) peer(t *testing.T) {
 
 	mirrorRate, mirrorCPU := throughput(t, b.Mirror.URL+path, size, 1, rounds, b.Mirror.Pid())
 	proxyRate, proxyCPU := throughput(t, proxy.URL+"/blob", size, 1, rounds, proxy.Pid())
+	profileCPU(t, hb, b.Mirror.AdminAddr, b.Mirror.URL+path, "peer-B")
+	profileCPU(t, hb, proxy.AdminAddr, proxy.URL+"/blob", "peer-reverse_proxy")
 	h.printf("## 2. Peer serving\n\nOne %s layer held by node A, fetched by a client through node B's mirror (B "+
 		"looks it up in the DHT, fetches it from A and checks its digest while streaming), the nodes in two network "+
 		"namespaces; best of %d. Reference over the same two hops: a plain Caddy `reverse_proxy` in B's namespace in "+
@@ -403,9 +425,9 @@ func (h *harness) latencyRow(t *testing.T, count, n int) {
 	reg := testenv.StartRegistry(t)
 	small := reg.PushRandomImage(t, "bench/small", "v1", n, 64<<10)
 	big := reg.PushRandomImage(t, "bench/big", "v1", 1, 10<<20)
-	first := testenv.StartNode(t, "n0", "registry.test", reg.URL, testenv.NodeOptions{})
+	first := testenv.StartNode(t, "n0", "registry.test", reg.URL, testenv.NodeOptions{Quiet: true})
 	nodes := []*testenv.Node{first}
-	boot := testenv.NodeOptions{Bootstrap: []string{first.Mirror.URL + dht.PeerListPath}}
+	boot := testenv.NodeOptions{Quiet: true, Bootstrap: []string{first.Mirror.URL + dht.PeerListPath}}
 	for i := 1; i < count; i++ {
 		nodes = append(nodes, testenv.StartNode(t, fmt.Sprintf("n%d", i), "registry.test", reg.URL, boot))
 	}
@@ -477,13 +499,13 @@ func (h *harness) memory(t *testing.T) {
 	}
 	reg := testenv.StartRegistry(t)
 	img := reg.PushRandomImage(t, "bench/many", "v1", 1, 64<<10)
-	a := testenv.StartNode(t, "A", "registry.test", reg.URL, testenv.NodeOptions{})
+	a := testenv.StartNode(t, "A", "registry.test", reg.URL, testenv.NodeOptions{Quiet: true})
 	b := testenv.StartNode(t, "B", "registry.test", reg.URL,
-		testenv.NodeOptions{Bootstrap: []string{a.Mirror.URL + dht.PeerListPath}})
+		testenv.NodeOptions{Quiet: true, Bootstrap: []string{a.Mirror.URL + dht.PeerListPath}})
 	_ = b
 	a.Ctrd.PullRef(t, img.Ref("registry.test"))
-	time.Sleep(2 * time.Second)
-	idle, _ := rss(a.Mirror.Pid())
+	idle, idleAnon := settledRSS(a.Mirror.Pid())
+	saveProfile(t, nil, a.Mirror.AdminAddr, "debug/pprof/heap?gc=1", "memory-idle.heap.pprof")
 
 	cl := a.Ctrd.Client(t)
 	ctx := namespaces.WithNamespace(context.Background(), a.Ctrd.Namespace)
@@ -498,7 +520,9 @@ func (h *harness) memory(t *testing.T) {
 		}
 	}
 	waitTags(t, a.Mirror, tags+1)
-	with, peak := rss(a.Mirror.Pid())
+	with, withAnon := settledRSS(a.Mirror.Pid())
+	_, peak := rss(a.Mirror.Pid())
+	saveProfile(t, nil, a.Mirror.AdminAddr, "debug/pprof/heap?gc=1", "memory-tags.heap.pprof")
 
 	// a node that starts with them all in its containerd: the time until
 	// its provider records for all of them are in the DHT (it logs each)
@@ -521,10 +545,12 @@ func (h *harness) memory(t *testing.T) {
 	h.printf("## 5 and 6. Memory and start-up\n\nOne node's Caddy process; %d tags are image records pointing at one "+
 		"image. Targets: at most 64 MiB RSS with 10,000 keys; under 10 s from process start until 10,000 keys are "+
 		"advertised.\n\n", tags)
+	h.printf("RSS is measured once it has settled after the keys were advertised; in brackets its anonymous part "+
+		"(heap, stacks), the rest being the executable's pages in memory.\n\n")
 	h.printf("| RSS idle (MiB) | RSS with %d tags (MiB) | peak RSS (MiB) | start to all %d tags provided in the DHT (s) | "+
 		"peak RSS of the starting node (MiB) |\n", tags, tags)
-	h.printf("| --- | --- | --- | --- | --- |\n| %.1f | %.1f | %.1f | %.2f | %.1f |\n\n", idle, with, peak,
-		startup.Seconds(), cPeak)
+	h.printf("| --- | --- | --- | --- | --- |\n| %.1f (%.1f) | %.1f (%.1f) | %.1f | %.2f | %.1f |\n\n", idle, idleAnon,
+		with, withAnon, peak, startup.Seconds(), cPeak)
 }
 
 // waitTags waits until c's node advertises n tags.
@@ -600,9 +626,9 @@ func (h *harness) rollout(t *testing.T) {
 		reg := testenv.StartRegistry(t)
 		v1 := reg.PushRandomImage(t, "bench/app", "v1", sz.layers, sz.size)
 		v2 := reg.PushRandomImage(t, "bench/app", "v2", sz.layers, sz.size)
-		first := testenv.StartNode(t, "r0", "registry.test", reg.URL, testenv.NodeOptions{})
+		first := testenv.StartNode(t, "r0", "registry.test", reg.URL, testenv.NodeOptions{Quiet: true})
 		nodes := []*testenv.Node{first}
-		boot := testenv.NodeOptions{Bootstrap: []string{first.Mirror.URL + dht.PeerListPath}}
+		boot := testenv.NodeOptions{Quiet: true, Bootstrap: []string{first.Mirror.URL + dht.PeerListPath}}
 		for i := 1; i < count; i++ {
 			nodes = append(nodes, testenv.StartNode(t, fmt.Sprintf("r%d", i), "registry.test", reg.URL, boot))
 		}

@@ -26,9 +26,9 @@ func BenchmarkPeerBlobGET(b *testing.B) {
 	size := peerLayerSize(b)
 	reg := testenv.StartRegistry(b)
 	img := reg.PushRandomImage(b, "bench/peer", "v1", 1, size)
-	a := testenv.StartNode(b, "A", upstreamHost, reg.URL, testenv.NodeOptions{})
+	a := testenv.StartNode(b, "A", upstreamHost, reg.URL, testenv.NodeOptions{Quiet: true})
 	nb := testenv.StartNode(b, "B", upstreamHost, reg.URL,
-		testenv.NodeOptions{Bootstrap: []string{a.Mirror.URL + dht.PeerListPath}})
+		testenv.NodeOptions{Quiet: true, Bootstrap: []string{a.Mirror.URL + dht.PeerListPath}})
 	a.Ctrd.PullRef(b, img.Ref(upstreamHost))
 	layer := img.Layers[0]
 	url := nb.Mirror.URL + "/v2/" + img.Repo + "/blobs/" + layer.String() + "?ns=" + upstreamHost

@@ -848,9 +848,9 @@ func startNetnsNode(t T, name, registryHost, upstream string, opts NodeOptions) 
 		extra = opts.Extra + "\n"
 	}
 	n.Mirror = StartCaddyWithBinary(t, bin, func(port int, admin string) string {
-		return fmt.Sprintf("{\n\tadmin %s\n\tdebug\n\tpeermirror {\n\t\tcontainerd {\n\t\t\taddress %s\n\t\t}\n"+
+		return fmt.Sprintf("{\n\tadmin %s\n%s\tpeermirror {\n\t\tcontainerd {\n\t\t\taddress %s\n\t\t}\n"+
 			"\t\tdht {\n%s\t\t}\n%s\t}\n}\n\nhttp://:%d {\n%s\tpeermirror\n}\n",
-			admin, n.Ctrd.Socket, dhtLines.String(), extra, port, bind)
+			admin, opts.debugOption(), n.Ctrd.Socket, dhtLines.String(), extra, port, bind)
 	}, InNetns(h.Netns), WithMirrorAddr(h.IP(), NetnsMirrorPort))
 	// The HTTP server may answer before the peermirror app has started
 	// (apps start in no fixed order): ready means peer to peer is up.

@@ -53,6 +53,10 @@ type NodeOptions struct {
 	// SiteExtra is added inside the mirror's site block, before the
 	// peermirror directive (such as a basic_auth). Loopback nodes only.
 	SiteExtra string
+	// Quiet leaves out the debug global option: Caddy logs at its
+	// default level, INFO, as in production. Benchmarks use it, so that
+	// per-request debug lines are not part of what they time.
+	Quiet bool
 	// Sites is appended to the node's Caddyfile after the mirror's site:
 	// more site blocks, such as one with the debug page. Loopback nodes
 	// only (not with Host).
@@ -91,10 +95,19 @@ func StartNode(t T, name string, registryHost, upstream string, opts NodeOptions
 		if opts.Extra != "" {
 			extra = opts.Extra + "\n"
 		}
-		return fmt.Sprintf("{\n\tadmin %s\n\tdebug\n%s\tpeermirror {\n\t\tcontainerd {\n\t\t\taddress %s\n\t\t}\n"+
+		return fmt.Sprintf("{\n\tadmin %s\n%s%s\tpeermirror {\n\t\tcontainerd {\n\t\t\taddress %s\n\t\t}\n"+
 			"\t\tdht {\n%s\t\t}\n%s\t}\n}\n\n:%d {\n%s\tpeermirror\n}\n%s",
-			admin, opts.Global, n.Ctrd.Socket, dhtLines.String(), extra, port, opts.SiteExtra, opts.Sites)
+			admin, opts.debugOption(), opts.Global, n.Ctrd.Socket, dhtLines.String(), extra, port, opts.SiteExtra, opts.Sites)
 	})
 	n.Ctrd.WriteHostsToml(t, registryHost, upstream, n.Mirror.URL)
 	return n
+}
+
+// debugOption is the global option line that turns on debug logging,
+// unless the node is quiet.
+func (o NodeOptions) debugOption() string {
+	if o.Quiet {
+		return ""
+	}
+	return "\tdebug\n"
 }
