@@ -545,7 +545,7 @@ func (h *harness) memory(t *testing.T) {
 	h.printf("## 5 and 6. Memory and start-up\n\nOne node's Caddy process; %d tags are image records pointing at one "+
 		"image. Targets: at most 64 MiB RSS with 10,000 keys; under 10 s from process start until 10,000 keys are "+
 		"advertised.\n\n", tags)
-	h.printf("RSS is measured once it has settled after the keys were advertised; in brackets its anonymous part "+
+	h.printf("RSS is measured once it has settled after the keys were advertised; in brackets its anonymous part " +
 		"(heap, stacks), the rest being the executable's pages in memory.\n\n")
 	h.printf("| RSS idle (MiB) | RSS with %d tags (MiB) | peak RSS (MiB) | start to all %d tags provided in the DHT (s) | "+
 		"peak RSS of the starting node (MiB) |\n", tags, tags)
