@@ -274,6 +274,7 @@ func (h *harness) local(t *testing.T) {
 	}
 	h.printf("\n")
 	h.local1 = res[0].one
+	profileCPU(t, nil, mirror.AdminAddr, servers[0].url, "local", mirror.Pid())
 }
 
 // peer measures a blob fetched through a second node from the first, the
@@ -332,8 +333,8 @@ func (h *harness) peer(t *testing.T) {
 
 	mirrorRate, mirrorCPU := throughput(t, b.Mirror.URL+path, size, 1, rounds, b.Mirror.Pid())
 	proxyRate, proxyCPU := throughput(t, proxy.URL+"/blob", size, 1, rounds, proxy.Pid())
-	profileCPU(t, hb, b.Mirror.AdminAddr, b.Mirror.URL+path, "peer-B")
-	profileCPU(t, hb, proxy.AdminAddr, proxy.URL+"/blob", "peer-reverse_proxy")
+	profileCPU(t, hb, b.Mirror.AdminAddr, b.Mirror.URL+path, "peer-B", b.Mirror.Pid())
+	profileCPU(t, hb, proxy.AdminAddr, proxy.URL+"/blob", "peer-reverse_proxy", proxy.Pid())
 	h.printf("## 2. Peer serving\n\nOne %s layer held by node A, fetched by a client through node B's mirror (B "+
 		"looks it up in the DHT, fetches it from A and checks its digest while streaming), the nodes in two network "+
 		"namespaces; best of %d. Reference over the same two hops: a plain Caddy `reverse_proxy` in B's namespace in "+

@@ -4,7 +4,9 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"testing"
 
@@ -14,13 +16,16 @@ import (
 // With PEERMIRROR_BENCH_PROFILE set to a folder, the harness saves pprof
 // profiles there, taken from Caddy's admin endpoint: a CPU profile of the
 // serving process in each throughput section and heap profiles in the
-// memory section. Read them with `go tool pprof -top bin/caddy FILE`.
+// memory section. Read them with `go tool pprof -top bin/caddy FILE`. With
+// PEERMIRROR_BENCH_STRACE=1 as well, each CPU profile comes with a count
+// of the process's system calls (`strace -c -f`, NAME.strace.txt) taken
+// right after it, under the same load.
 func profileDir() string { return os.Getenv("PEERMIRROR_BENCH_PROFILE") }
 
 // profileCPU saves a 5 s CPU profile of the Caddy whose admin endpoint is
 // admin while GETs of url run one after the other. host is the network
 // namespace the admin endpoint is in, nil for this one.
-func profileCPU(t *testing.T, host *testenv.Host, admin, url, name string) {
+func profileCPU(t *testing.T, host *testenv.Host, admin, url, name string, pid int) {
 	t.Helper()
 	if profileDir() == "" {
 		return
@@ -48,6 +53,13 @@ func profileCPU(t *testing.T, host *testenv.Host, admin, url, name string) {
 		}
 	}()
 	saveProfile(t, host, admin, "debug/pprof/profile?seconds=5", name+".cpu.pprof")
+	if os.Getenv("PEERMIRROR_BENCH_STRACE") != "" {
+		file := filepath.Join(profileDir(), name+".strace.txt")
+		cmd := exec.Command("timeout", "-s", "INT", "5", "strace", "-c", "-f", "-o", file, "-p", strconv.Itoa(pid))
+		if out, err := cmd.CombinedOutput(); err != nil && cmd.ProcessState.ExitCode() != 124 {
+			t.Errorf("strace of %s: %v: %s", name, err, out)
+		}
+	}
 	close(stop)
 	wg.Wait()
 }

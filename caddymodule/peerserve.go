@@ -153,21 +153,19 @@ func (h *Handler) streamVerified(w http.ResponseWriter, r *http.Request, f *peer
 	relayHeaders(w.Header(), res.resp.Header, res.peer)
 	w.WriteHeader(http.StatusOK)
 	hash := want.Algorithm().Hash()
-	src := io.TeeReader(body, hash)
 	head := max(size-holdBack, 0)
-	bp := copyBufs.Get().(*[]byte)
-	defer copyBufs.Put(bp)
-	if _, err := io.CopyBuffer(writerOnly{w}, io.LimitReader(src, head), *bp); err != nil {
+	if _, err := hashedCopy(w, body, head, hash); err != nil {
 		h.logger.Warn("peer transfer failed", zap.String("digest", want.String()),
 			zap.String("peer", res.peer.id), zap.Error(err))
 		return nil
 	}
 	tail := make([]byte, size-head)
-	if _, err := io.ReadFull(src, tail); err != nil {
+	if _, err := io.ReadFull(body, tail); err != nil {
 		h.logger.Warn("peer transfer failed", zap.String("digest", want.String()),
 			zap.String("peer", res.peer.id), zap.Error(err))
 		return nil
 	}
+	hash.Write(tail)
 	if got := digest.NewDigest(want.Algorithm(), hash); got != want {
 		h.distrust(f, body, want)
 		return nil

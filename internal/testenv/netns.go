@@ -717,7 +717,9 @@ type caddyOptions struct {
 // InNetns runs Caddy under `ip netns exec <netns>` (see [Host.Netns]), so
 // that its listeners and its libp2p traffic are in that network namespace
 // and it resolves names through the namespace's /etc/netns hosts file.
-// Its admin API listens on the namespace's loopback, port 2019.
+// Its admin API listens on the namespace's loopback, on a port of its own
+// (two Caddys in one namespace must not share one: Caddy binds with
+// SO_REUSEPORT, so both would answer on it).
 func InNetns(netns string) CaddyOption {
 	return func(o *caddyOptions) { o.netns = netns }
 }
@@ -745,7 +747,6 @@ func (c *Caddy) applyOptions(opts []CaddyOption) {
 	}
 	if o.netns != "" {
 		c.Netns = o.netns
-		c.AdminAddr = "127.0.0.1:2019"
 	}
 }
 
