@@ -190,16 +190,32 @@ func (r *recentPeers) offer(key string, p peerCandidate, ttl time.Duration) {
 	e.changed = make(chan struct{})
 }
 
+// knownFirstWait is how long the peers remembered for a key are given
+// before the DHT is asked for more.
+const knownFirstWait = 20 * time.Millisecond
+
 // lookup yields up to max peers for key: first those found for it lately,
 // at once, then the ones that its own DHT lookup or a lookup for the same
 // key running at the same time finds. The channel closes when its lookup
 // ends or ctx does.
 func (f *peerFetcher) lookup(ctx context.Context, key string, max int) <-chan peerCandidate {
 	known, changed := f.recent.watch(key)
-	live := f.resolver.resolve(ctx, key, max)
+	// with peers known already, the DHT is asked only if the request
+	// still runs knownFirstWait later: most are served by then
+	var live <-chan peerCandidate
+	if len(known) == 0 {
+		live = f.resolver.resolve(ctx, key, max)
+	}
 	out := make(chan peerCandidate)
+	done := ctx.Done()
 	go func() {
 		defer close(out)
+		var wait <-chan time.Time
+		if live == nil {
+			t := time.NewTimer(knownFirstWait)
+			defer t.Stop()
+			wait = t.C
+		}
 		sent := map[string]bool{}
 		emit := func(peers ...peerCandidate) {
 			for _, p := range peers {
@@ -218,6 +234,14 @@ func (f *peerFetcher) lookup(ctx context.Context, key string, max int) <-chan pe
 		// it finds even once enough peers were handed out
 		for {
 			select {
+			case <-wait:
+				wait = nil
+				live = f.resolver.resolve(ctx, key, max)
+			case <-done:
+				if live == nil {
+					return
+				}
+				done = nil // the lookup ends with ctx: read it to its end
 			case p, ok := <-live:
 				if !ok {
 					return

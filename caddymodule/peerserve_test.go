@@ -11,11 +11,13 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 )
 
@@ -441,4 +443,60 @@ func TestPeerTagDisagreement(t *testing.T) {
 	if !strings.HasPrefix(resp.Header.Get("Content-Type"), "application/vnd.oci.image.manifest") {
 		t.Fatalf("content type %q", resp.Header.Get("Content-Type"))
 	}
+}
+
+// countingResolver counts lookups and answers none.
+type countingResolver struct{ calls atomic.Int32 }
+
+func (r *countingResolver) resolve(ctx context.Context, _ string, _ int) <-chan peerCandidate {
+	r.calls.Add(1)
+	ch := make(chan peerCandidate)
+	go func() {
+		<-ctx.Done()
+		close(ch)
+	}()
+	return ch
+}
+
+// A key with peers remembered is served from them first: the DHT is asked
+// only for a request still running knownFirstWait later.
+func TestLookupKnownPeersFirst(t *testing.T) {
+	res := &countingResolver{}
+	f := newPeerFetcher(res, 200*time.Millisecond, 200*time.Millisecond, time.Second, 3, zap.NewNop())
+	defer f.close()
+	known := peerCandidate{id: "known", url: "http://127.0.0.1:1"}
+	f.recent.add("k", known)
+
+	// served quickly: no lookup
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := f.lookup(ctx, "k", 3)
+	if p := <-ch; p != known {
+		t.Fatalf("first candidate = %+v, want the remembered peer", p)
+	}
+	cancel()
+	for range ch {
+	}
+	time.Sleep(2 * knownFirstWait)
+	if n := res.calls.Load(); n != 0 {
+		t.Errorf("a request served by a remembered peer asked the DHT %d times", n)
+	}
+
+	// still running: the DHT is asked
+	ctx, cancel = context.WithCancel(context.Background())
+	defer cancel()
+	ch = f.lookup(ctx, "k", 3)
+	<-ch
+	deadline := time.Now().Add(5 * time.Second) // hang detector
+	for res.calls.Load() == 0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if res.calls.Load() != 1 {
+		t.Errorf("a request still running after knownFirstWait asked the DHT %d times, want 1", res.calls.Load())
+	}
+	// a key nobody remembers is looked up at once
+	f.lookup(ctx, "other", 3)
+	if n := res.calls.Load(); n != 2 {
+		t.Errorf("a key with no remembered peer: %d lookups, want 2", n)
+	}
+	cancel()
 }

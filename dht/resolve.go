@@ -15,11 +15,19 @@ const (
 	resolveConcurrency = 4
 	// connectTimeout bounds one dial of a peer.
 	connectTimeout = 10 * time.Second
+	// localFirstWait is how long Resolve gives the providers that this
+	// node's own provider store holds before it asks the network for
+	// more: a caller served by one of them (and in a cluster of up to 20
+	// nodes every node holds every record) ends ctx before then, and the
+	// lookup, a round of streams to several peers, is never sent.
+	localFirstWait = 20 * time.Millisecond
 )
 
 // Resolve looks up the peers that advertise key and sends each on the
 // returned channel as soon as it is found and its mirror URL is known. It
-// never sends this node, nor a peer whose mirror URL cannot be learned. At
+// never sends this node, nor a peer whose mirror URL cannot be learned.
+// Providers from this node's own provider store come first; the network
+// lookup for others starts only if ctx is still live localFirstWait later. At
 // most max peers are sent (no limit if max <= 0). The channel is closed when
 // the lookup ends, ctx ends or the router is closed; the caller should
 // read it until then, or cancel ctx.
@@ -97,6 +105,15 @@ func (r *Router) resolve(
 ) {
 	start := time.Now()
 	self := r.host.ID()
+	if len(already) > 0 {
+		t := time.NewTimer(localFirstWait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return
+		}
+	}
 
 	// The DHT counts this node among the providers when it advertises the
 	// key itself: ask for one more.
