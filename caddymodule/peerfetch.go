@@ -106,18 +106,13 @@ const hintTTL = 2 * time.Minute
 const maxRecentKeys = 4096
 
 // recentPeers remembers the peers that lookups found for each key for a
-// short while, and lets lookups for one key running at once share what
-// each finds. A burst of requests for one digest (parallel ranges of a
-// layer, many clients at once) would otherwise start one DHT lookup each,
+// short while, and runs one DHT lookup per key for all the requests that
+// want it at once. A burst of requests for one digest (parallel ranges of
+// a layer, many clients at once) would otherwise start one lookup each,
 // and under load a lookup can take longer than the resolve timeout, which
 // turns a hit into a miss. It also holds hints: the peer that served a
 // manifest most likely holds its config and layers, so it is offered for
 // them at once while their own lookups run.
-//
-// TODO: a burst still starts one DHT lookup per request until the first
-// finds a peer; one lookup per key, outliving the request that started
-// it, would spare the DHT that load (200 parallel lookups under the race
-// detector took up to 160ms, past the default resolve_timeout).
 type recentPeers struct {
 	mu   sync.Mutex
 	keys map[string]*recentEntry
@@ -127,7 +122,23 @@ type recentEntry struct {
 	peers   []peerCandidate
 	until   time.Time     // when the entry expires
 	changed chan struct{} // closed when a peer is found
+	lookup  *sharedLookup // the lookup running for the key, or nil
 }
+
+// sharedLookup is one DHT lookup for a key, shared by the requests that
+// joined it. It runs until it ends by itself, the last of them leaves, or
+// sharedLookupTimeout.
+type sharedLookup struct {
+	done   chan struct{} // closed when it ended, after its last peer
+	cancel context.CancelFunc
+	// guarded by recentPeers.mu
+	refs    int             // requests that joined and did not leave
+	peers   []peerCandidate // found so far
+	changed chan struct{}   // closed when a peer is found
+}
+
+// sharedLookupTimeout bounds a shared lookup that requests keep joining.
+const sharedLookupTimeout = 30 * time.Second
 
 func newRecentPeers() *recentPeers { return &recentPeers{keys: map[string]*recentEntry{}} }
 
@@ -195,32 +206,74 @@ func (r *recentPeers) offer(key string, p peerCandidate, ttl time.Duration) {
 	e.changed = make(chan struct{})
 }
 
+// join returns the lookup running for key, joined, or starts one with
+// start and joins it. Each join must be followed by one leave.
+func (r *recentPeers) join(key string, start func(context.Context) <-chan peerCandidate) *sharedLookup {
+	r.mu.Lock()
+	e := r.entryLocked(key, time.Now())
+	if e != nil && e.lookup != nil && e.lookup.refs > 0 {
+		e.lookup.refs++
+		r.mu.Unlock()
+		return e.lookup
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), sharedLookupTimeout)
+	l := &sharedLookup{done: make(chan struct{}), refs: 1, cancel: cancel, changed: make(chan struct{})}
+	if e != nil {
+		e.lookup = l
+	}
+	r.mu.Unlock()
+	found := start(ctx)
+	go func() {
+		defer cancel()
+		for p := range found {
+			r.offer(key, p, recentPeersTTL)
+			r.mu.Lock()
+			l.peers = append(l.peers, p)
+			close(l.changed)
+			l.changed = make(chan struct{})
+			r.mu.Unlock()
+		}
+		r.mu.Lock()
+		if e != nil && e.lookup == l {
+			e.lookup = nil
+		}
+		r.mu.Unlock()
+		close(l.done)
+	}()
+	return l
+}
+
+// found returns the peers l found so far and a channel closed when it
+// finds another.
+func (r *recentPeers) found(l *sharedLookup) ([]peerCandidate, <-chan struct{}) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(l.peers), l.changed
+}
+
+// leave ends a request's interest in l; the last to leave stops it.
+func (r *recentPeers) leave(l *sharedLookup) {
+	r.mu.Lock()
+	l.refs--
+	last := l.refs == 0
+	r.mu.Unlock()
+	if last {
+		l.cancel()
+	}
+}
+
 // knownFirstWait is how long the peers remembered for a key are given
 // before the DHT is asked for more.
 const knownFirstWait = 20 * time.Millisecond
 
 // lookup yields up to max peers for key: first those found for it lately,
-// at once, then the ones that its own DHT lookup or a lookup for the same
-// key running at the same time finds. The channel closes when its lookup
-// ends or ctx does.
+// at once, then the ones that the key's shared DHT lookup finds. The
+// channel closes when that lookup ends or ctx does.
 func (f *peerFetcher) lookup(ctx context.Context, key string, max int) <-chan peerCandidate {
 	known, changed := f.recent.watch(key)
-	// with peers known already, the DHT is asked only if the request
-	// still runs knownFirstWait later: most are served by then
-	var live <-chan peerCandidate
-	if len(known) == 0 {
-		live = f.resolver.resolve(ctx, key, max)
-	}
 	out := make(chan peerCandidate)
-	done := ctx.Done()
 	go func() {
 		defer close(out)
-		var wait <-chan time.Time
-		if live == nil {
-			t := time.NewTimer(knownFirstWait)
-			defer t.Stop()
-			wait = t.C
-		}
 		sent := map[string]bool{}
 		emit := func(peers ...peerCandidate) {
 			for _, p := range peers {
@@ -235,27 +288,50 @@ func (f *peerFetcher) lookup(ctx context.Context, key string, max int) <-chan pe
 			}
 		}
 		emit(known...)
-		// read the lookup to its end (it ends with ctx), remembering what
-		// it finds even once enough peers were handed out
+
+		// with peers known already, the DHT is asked only if the request
+		// still runs knownFirstWait later: most are served by then
+		var l *sharedLookup
+		var ended, lchanged <-chan struct{}
+		var lpeers []peerCandidate
+		join := func() {
+			l = f.recent.join(key, func(lctx context.Context) <-chan peerCandidate {
+				return f.resolver.resolve(lctx, key, max)
+			})
+			ended = l.done
+			lpeers, lchanged = f.recent.found(l)
+			emit(lpeers...)
+		}
+		defer func() {
+			if l != nil {
+				f.recent.leave(l)
+			}
+		}()
+		var wait <-chan time.Time
+		if len(known) == 0 {
+			join()
+		} else {
+			t := time.NewTimer(knownFirstWait)
+			defer t.Stop()
+			wait = t.C
+		}
 		for {
 			select {
 			case <-wait:
 				wait = nil
-				live = f.resolver.resolve(ctx, key, max)
-			case <-done:
-				if live == nil {
-					return
-				}
-				done = nil // the lookup ends with ctx: read it to its end
-			case p, ok := <-live:
-				if !ok {
-					return
-				}
-				f.recent.add(key, p)
-				emit(p)
+				join()
+			case <-ctx.Done():
+				return
 			case <-changed:
 				known, changed = f.recent.watch(key)
 				emit(known...)
+			case <-lchanged:
+				lpeers, lchanged = f.recent.found(l)
+				emit(lpeers...)
+			case <-ended:
+				lpeers, _ = f.recent.found(l)
+				emit(lpeers...)
+				return
 			}
 		}
 	}()

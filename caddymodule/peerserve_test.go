@@ -495,8 +495,105 @@ func TestLookupKnownPeersFirst(t *testing.T) {
 	}
 	// a key nobody remembers is looked up at once
 	f.lookup(ctx, "other", 3)
+	for res.calls.Load() < 2 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
 	if n := res.calls.Load(); n != 2 {
 		t.Errorf("a key with no remembered peer: %d lookups, want 2", n)
 	}
 	cancel()
+}
+
+// gatedResolver counts lookups and, once released, finds one peer.
+type gatedResolver struct {
+	calls    atomic.Int32
+	canceled atomic.Int32
+	release  chan struct{}
+	peer     peerCandidate
+}
+
+func (r *gatedResolver) resolve(ctx context.Context, _ string, _ int) <-chan peerCandidate {
+	r.calls.Add(1)
+	ch := make(chan peerCandidate)
+	go func() {
+		defer close(ch)
+		select {
+		case <-r.release:
+		case <-ctx.Done():
+			r.canceled.Add(1)
+			return
+		}
+		select {
+		case ch <- r.peer:
+		case <-ctx.Done():
+		}
+	}()
+	return ch
+}
+
+// A burst of requests for one key makes one DHT lookup, which goes on
+// while any of them waits and stops when the last leaves.
+func TestLookupShared(t *testing.T) {
+	res := &gatedResolver{release: make(chan struct{}), peer: peerCandidate{id: "p", url: "http://127.0.0.1:1"}}
+	f := newPeerFetcher(res, 200*time.Millisecond, 200*time.Millisecond, time.Second, 3, zap.NewNop())
+	defer f.close()
+
+	const n = 50
+	ctxs := make([]context.CancelFunc, n)
+	chans := make([]<-chan peerCandidate, n)
+	for i := range n {
+		ctx, cancel := context.WithCancel(context.Background())
+		ctxs[i], chans[i] = cancel, f.lookup(ctx, "k", 3)
+	}
+	deadline := time.Now().Add(5 * time.Second) // hang detector
+	joined := func() int {
+		f.recent.mu.Lock()
+		defer f.recent.mu.Unlock()
+		if e := f.recent.keys["k"]; e != nil && e.lookup != nil {
+			return e.lookup.refs
+		}
+		return 0
+	}
+	for joined() < n && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	// one request leaves; the others still wait
+	ctxs[0]()
+	for range chans[0] {
+	}
+	close(res.release)
+	for i := 1; i < n; i++ {
+		got := []peerCandidate{}
+		for p := range chans[i] {
+			got = append(got, p)
+		}
+		if len(got) != 1 || got[0] != res.peer {
+			t.Fatalf("request %d got %v, want the one peer found", i, got)
+		}
+	}
+	if c := res.calls.Load(); c != 1 {
+		t.Errorf("%d requests at once made %d lookups, want 1", n, c)
+	}
+	for _, cancel := range ctxs {
+		cancel()
+	}
+
+	// a lookup nobody waits for any more is stopped
+	res2 := &gatedResolver{release: make(chan struct{})}
+	f2 := newPeerFetcher(res2, 200*time.Millisecond, 200*time.Millisecond, time.Second, 3, zap.NewNop())
+	defer f2.close()
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := f2.lookup(ctx, "k", 3)
+	for res2.calls.Load() < 1 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	cancel()
+	for range ch {
+	}
+	for res2.canceled.Load() < 1 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if res2.canceled.Load() != 1 {
+		t.Error("the lookup went on after its only request left")
+	}
 }
