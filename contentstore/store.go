@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sync"
@@ -89,7 +90,11 @@ type Store struct {
 
 	client     atomic.Pointer[client.Client]
 	contentDir atomic.Pointer[string] // "" while unknown or unreadable
-	connected  atomic.Bool
+	// dirConfirmed is set once a blob that containerd reported was found
+	// as a file of its size in contentDir: the folder is containerd's, so
+	// a missing file is a missing blob (see Descriptor)
+	dirConfirmed atomic.Bool
+	connected    atomic.Bool
 
 	mu sync.RWMutex
 	// TODO: garbage collection deletes content without an event, so entries
@@ -269,6 +274,13 @@ func (s *Store) Descriptor(ctx context.Context, dgst digest.Digest) (ocispec.Des
 	if err := dgst.Validate(); err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("invalid digest %q: %w", dgst, err)
 	}
+	// no blob file, no blob, in any namespace: a miss is answered without
+	// a round trip to containerd once the folder proved to be its own
+	if s.dirConfirmed.Load() {
+		if _, err := os.Lstat(s.blobPath(dgst)); errors.Is(err, fs.ErrNotExist) {
+			return ocispec.Descriptor{}, fmt.Errorf("looking up %s: %w", dgst, ErrNotFound)
+		}
+	}
 	c, cctx, cancel, err := s.call(ctx)
 	if err != nil {
 		return ocispec.Descriptor{}, err
@@ -342,12 +354,12 @@ func (s *Store) OpenDescriptor(ctx context.Context, desc ocispec.Descriptor) (*C
 
 	// fast path: the blob file itself; dgst was validated, so the path
 	// holds nothing but the algorithm and hex
-	if dir := s.ContentDir(); dir != "" {
-		path := filepath.Join(dir, "blobs", dgst.Algorithm().String(), dgst.Encoded())
+	if path := s.blobPath(dgst); path != "" {
 		f, err := os.Open(path)
 		if err == nil {
 			st, err := f.Stat()
 			if err == nil && st.Mode().IsRegular() && st.Size() == desc.Size {
+				s.dirConfirmed.Store(true)
 				return &Content{Descriptor: desc, file: f}, nil
 			}
 			f.Close()
@@ -365,6 +377,30 @@ func (s *Store) OpenDescriptor(ctx context.Context, desc ocispec.Descriptor) (*C
 		return nil, s.wrap("opening "+dgst.String(), err)
 	}
 	return &Content{Descriptor: desc, ra: ra}, nil
+}
+
+// blobPath is where dgst's file is in the content directory, or "" while
+// that is unknown. dgst must be valid: the path holds nothing but its
+// algorithm and hex.
+func (s *Store) blobPath(dgst digest.Digest) string {
+	dir := s.ContentDir()
+	if dir == "" {
+		return ""
+	}
+	return filepath.Join(dir, "blobs", dgst.Algorithm().String(), dgst.Encoded())
+}
+
+// confirmDir checks the content directory against a blob that containerd
+// reported with size bytes (see dirConfirmed).
+func (s *Store) confirmDir(dgst digest.Digest, size int64) {
+	if s.dirConfirmed.Load() {
+		return
+	}
+	if path := s.blobPath(dgst); path != "" {
+		if st, err := os.Stat(path); err == nil && st.Mode().IsRegular() && st.Size() == size {
+			s.dirConfirmed.Store(true)
+		}
+	}
 }
 
 // Digests walks the image tree under root and returns the descriptors of
@@ -401,6 +437,7 @@ func (s *Store) Digests(ctx context.Context, root ocispec.Descriptor) ([]ocispec
 		if desc.MediaType == "" {
 			desc.MediaType = MediaTypeOctetStream
 		}
+		s.confirmDir(desc.Digest, info.Size)
 		s.learn(desc.Digest, desc.MediaType)
 		out = append(out, desc)
 		if !IsManifest(desc.MediaType) {
@@ -473,6 +510,7 @@ func (s *Store) useContentDir(dir string) {
 	}
 	if s.ContentDir() != dir {
 		s.logger.Info("reading blobs from containerd's content directory", zap.String("content_dir", dir))
+		s.dirConfirmed.Store(false)
 	}
 	s.contentDir.Store(&dir)
 }
