@@ -89,12 +89,8 @@ type Store struct {
 	logger *zap.Logger
 
 	client     atomic.Pointer[client.Client]
-	contentDir atomic.Pointer[string] // "" while unknown or unreadable
-	// dirConfirmed is set once a blob that containerd reported was found
-	// as a file of its size in contentDir: the folder is containerd's, so
-	// a missing file is a missing blob (see Descriptor)
-	dirConfirmed atomic.Bool
-	connected    atomic.Bool
+	contentDir atomic.Pointer[contentDir] // path "" while unknown or unreadable
+	connected  atomic.Bool
 
 	mu sync.RWMutex
 	// TODO: garbage collection deletes content without an event, so entries
@@ -104,6 +100,16 @@ type Store struct {
 
 	cancel context.CancelFunc
 	done   chan struct{}
+}
+
+// contentDir is containerd's content folder as this store knows it.
+type contentDir struct {
+	path string
+	// confirmed is set once a blob that containerd reported was found as
+	// a file of its size under path: the folder is containerd's, so a
+	// missing file is a missing blob (see Descriptor). It belongs to this
+	// path only: a new folder starts unconfirmed.
+	confirmed atomic.Bool
 }
 
 // New returns a Store for cfg. It does not contact containerd.
@@ -119,7 +125,7 @@ func New(cfg Config, logger *zap.Logger) *Store {
 		subs:       make(map[*Subscription]struct{}),
 	}
 	empty := ""
-	s.contentDir.Store(&empty)
+	s.contentDir.Store(&contentDir{path: empty})
 	return s
 }
 
@@ -174,7 +180,7 @@ func (s *Store) Connected() bool { return s.connected.Load() }
 
 // ContentDir returns the content directory blobs are read from, or "" when
 // they are read over gRPC.
-func (s *Store) ContentDir() string { return *s.contentDir.Load() }
+func (s *Store) ContentDir() string { return s.contentDir.Load().path }
 
 // call returns the client and a context for one call to containerd.
 func (s *Store) call(ctx context.Context) (*client.Client, context.Context, context.CancelFunc, error) {
@@ -276,9 +282,13 @@ func (s *Store) Descriptor(ctx context.Context, dgst digest.Digest) (ocispec.Des
 	}
 	// no blob file, no blob, in any namespace: a miss is answered without
 	// a round trip to containerd once the folder proved to be its own
-	if s.dirConfirmed.Load() {
-		if _, err := os.Lstat(s.blobPath(dgst)); errors.Is(err, fs.ErrNotExist) {
-			return ocispec.Descriptor{}, fmt.Errorf("looking up %s: %w", dgst, ErrNotFound)
+	if cd := s.contentDir.Load(); cd.confirmed.Load() {
+		_, err := os.Lstat(cd.blobPath(dgst))
+		if errors.Is(err, fs.ErrNotExist) {
+			// and the folder is still there (an unmounted one is not)
+			if _, err := os.Stat(filepath.Dir(cd.blobPath(dgst))); err == nil {
+				return ocispec.Descriptor{}, fmt.Errorf("looking up %s: %w", dgst, ErrNotFound)
+			}
 		}
 	}
 	c, cctx, cancel, err := s.call(ctx)
@@ -354,12 +364,12 @@ func (s *Store) OpenDescriptor(ctx context.Context, desc ocispec.Descriptor) (*C
 
 	// fast path: the blob file itself; dgst was validated, so the path
 	// holds nothing but the algorithm and hex
-	if path := s.blobPath(dgst); path != "" {
-		f, err := os.Open(path)
+	if cd := s.contentDir.Load(); cd.path != "" {
+		f, err := os.Open(cd.blobPath(dgst))
 		if err == nil {
 			st, err := f.Stat()
 			if err == nil && st.Mode().IsRegular() && st.Size() == desc.Size {
-				s.dirConfirmed.Store(true)
+				cd.confirmed.Store(true)
 				return &Content{Descriptor: desc, file: f}, nil
 			}
 			f.Close()
@@ -379,27 +389,25 @@ func (s *Store) OpenDescriptor(ctx context.Context, desc ocispec.Descriptor) (*C
 	return &Content{Descriptor: desc, ra: ra}, nil
 }
 
-// blobPath is where dgst's file is in the content directory, or "" while
-// that is unknown. dgst must be valid: the path holds nothing but its
+// blobPath is where dgst's file is under the folder, or "" while the
+// folder is unknown. dgst must be valid: the path holds nothing but its
 // algorithm and hex.
-func (s *Store) blobPath(dgst digest.Digest) string {
-	dir := s.ContentDir()
-	if dir == "" {
+func (cd *contentDir) blobPath(dgst digest.Digest) string {
+	if cd.path == "" {
 		return ""
 	}
-	return filepath.Join(dir, "blobs", dgst.Algorithm().String(), dgst.Encoded())
+	return filepath.Join(cd.path, "blobs", dgst.Algorithm().String(), dgst.Encoded())
 }
 
-// confirmDir checks the content directory against a blob that containerd
-// reported with size bytes (see dirConfirmed).
+// confirmDir checks the content folder against a blob that containerd
+// reported with size bytes (see contentDir.confirmed).
 func (s *Store) confirmDir(dgst digest.Digest, size int64) {
-	if s.dirConfirmed.Load() {
+	cd := s.contentDir.Load()
+	if cd.path == "" || cd.confirmed.Load() {
 		return
 	}
-	if path := s.blobPath(dgst); path != "" {
-		if st, err := os.Stat(path); err == nil && st.Mode().IsRegular() && st.Size() == size {
-			s.dirConfirmed.Store(true)
-		}
+	if st, err := os.Stat(cd.blobPath(dgst)); err == nil && st.Mode().IsRegular() && st.Size() == size {
+		cd.confirmed.Store(true)
 	}
 }
 
@@ -506,11 +514,11 @@ func (s *Store) useContentDir(dir string) {
 	if err != nil {
 		s.logger.Warn("containerd content directory not readable; serving blobs over gRPC, which is slower",
 			zap.String("content_dir", dir), zap.Error(err))
+		s.contentDir.Store(&contentDir{})
 		return
 	}
 	if s.ContentDir() != dir {
 		s.logger.Info("reading blobs from containerd's content directory", zap.String("content_dir", dir))
-		s.dirConfirmed.Store(false)
+		s.contentDir.Store(&contentDir{path: dir})
 	}
-	s.contentDir.Store(&dir)
 }
