@@ -319,7 +319,9 @@ func (f *peerFetcher) lookup(ctx context.Context, key string, max int) <-chan pe
 			select {
 			case <-wait:
 				wait = nil
-				join()
+				if len(sent) < max { // else nothing it finds could be used
+					join()
+				}
 			case <-ctx.Done():
 				return
 			case <-changed:

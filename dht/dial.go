@@ -3,11 +3,13 @@ package dht
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 )
 
@@ -19,6 +21,10 @@ import (
 // alive, so a provider is dialed through it unless a dial of ours failed
 // within this window.
 const ownFailureWindow = 5 * time.Second
+
+// errOwnBackoff marks a dial not made because one of this node's own
+// failed within ownFailureWindow.
+var errOwnBackoff = errors.New("a dial of this peer failed lately")
 
 // dialCall is one dial of a peer in flight; done is closed when err is set.
 type dialCall struct {
@@ -46,6 +52,10 @@ func (r *Router) ensureConnected(ctx context.Context, ai peer.AddrInfo) error {
 	if r.host.Network().Connectedness(ai.ID) == network.Connected {
 		return nil
 	}
+	// a dial in flight for the peer uses these addresses too
+	if len(ai.Addrs) > 0 {
+		r.host.Peerstore().AddAddrs(ai.ID, ai.Addrs, peerstore.TempAddrTTL)
+	}
 	d := r.dials
 	d.mu.Lock()
 	call, ok := d.inFlight[ai.ID]
@@ -55,7 +65,10 @@ func (r *Router) ensureConnected(ctx context.Context, ai peer.AddrInfo) error {
 			err := r.dial(rctx, ai)
 			d.mu.Lock()
 			delete(d.inFlight, ai.ID)
-			if err != nil && rctx.Err() == nil {
+			switch {
+			case err == nil:
+				delete(d.failedAt, ai.ID)
+			case rctx.Err() == nil && !errors.Is(err, errOwnBackoff):
 				now := time.Now()
 				for id, at := range d.failedAt {
 					if now.Sub(at) >= ownFailureWindow {
@@ -63,8 +76,6 @@ func (r *Router) ensureConnected(ctx context.Context, ai peer.AddrInfo) error {
 					}
 				}
 				d.failedAt[ai.ID] = now
-			} else {
-				delete(d.failedAt, ai.ID)
 			}
 			d.mu.Unlock()
 			call.err = err
@@ -105,7 +116,8 @@ func (r *Router) dial(ctx context.Context, ai peer.AddrInfo) error {
 	failed, ok := r.dials.failedAt[ai.ID]
 	r.dials.mu.Unlock()
 	if ok && time.Since(failed) < ownFailureWindow {
-		return err
+		// not a dial: the window runs from the last real one
+		return fmt.Errorf("%w: %w", errOwnBackoff, err)
 	}
 	return r.host.Connect(network.WithForceDirectDial(ctx, "provider record"), ai)
 }

@@ -63,9 +63,19 @@ func TestDialRespectsOwnFailure(t *testing.T) {
 	if !recorded {
 		t.Fatal("a failed dial was not recorded")
 	}
+	a.dials.mu.Lock()
+	first := a.dials.failedAt[b.ID()]
+	a.dials.mu.Unlock()
 	err := a.ensureConnected(ctx, ai)
-	if !errors.Is(err, swarm.ErrDialBackoff) {
+	if !errors.Is(err, swarm.ErrDialBackoff) || !errors.Is(err, errOwnBackoff) {
 		t.Errorf("second dial of a dead peer = %v, want the dial backoff", err)
+	}
+	// a dial not made does not move the window on
+	a.dials.mu.Lock()
+	again := a.dials.failedAt[b.ID()]
+	a.dials.mu.Unlock()
+	if !again.Equal(first) {
+		t.Errorf("a refused dial moved the failure time from %v to %v", first, again)
 	}
 }
 
