@@ -4,6 +4,7 @@ import (
 	"hash"
 	"io"
 	"sync"
+	"time"
 )
 
 // hashDepth buffers of hashChunk bytes each let a transfer read and send
@@ -59,12 +60,7 @@ func hashedCopy(w io.Writer, src io.Reader, n int64, h hash.Hash) (int64, error)
 		if rem := n - written; int64(len(buf)) > rem {
 			buf = buf[:rem]
 		}
-		// a full buffer per hand-over: each wakes the hasher, and
-		// wake-ups cost CPU too
-		nr, rerr := io.ReadFull(src, buf)
-		if rerr == io.ErrUnexpectedEOF {
-			rerr = io.EOF
-		}
+		nr, rerr := readChunk(src, buf)
 		if nr > 0 {
 			nw, werr := w.Write(buf[:nr])
 			written += int64(nw)
@@ -86,4 +82,27 @@ func hashedCopy(w io.Writer, src io.Reader, n int64, h hash.Hash) (int64, error)
 		}
 	}
 	return written, nil
+}
+
+// chunkWait bounds how long readChunk holds bytes back from the client.
+const chunkWait = 20 * time.Millisecond
+
+// readChunk reads into buf until it is full, src fails, or chunkWait has
+// passed since it started: full buffers keep the hand-overs to the hasher,
+// each a wake-up that costs CPU, few on a fast stream, and the time bound
+// keeps a slow one flowing to the client.
+func readChunk(src io.Reader, buf []byte) (int, error) {
+	start := time.Now()
+	n := 0
+	for n < len(buf) {
+		nr, err := src.Read(buf[n:])
+		n += nr
+		if err != nil {
+			return n, err
+		}
+		if time.Since(start) >= chunkWait {
+			break
+		}
+	}
+	return n, nil
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"testing"
 	"testing/iotest"
+	"time"
 )
 
 func TestHashedCopy(t *testing.T) {
@@ -90,5 +91,45 @@ func BenchmarkHashedCopy(b *testing.B) {
 		if _, err := hashedCopy(io.Discard, bytes.NewReader(data), int64(len(data)), sha256.New()); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// trickle gives 1 KiB every 2ms.
+type trickle struct{ left int }
+
+func (r *trickle) Read(p []byte) (int, error) {
+	if r.left == 0 {
+		return 0, io.EOF
+	}
+	time.Sleep(2 * time.Millisecond)
+	n := min(len(p), 1024, r.left)
+	r.left -= n
+	return n, nil
+}
+
+// firstWrite records when the first bytes arrived.
+type firstWrite struct {
+	start, at time.Time
+	n         int
+}
+
+func (w *firstWrite) Write(p []byte) (int, error) {
+	if w.at.IsZero() {
+		w.at = time.Now()
+	}
+	w.n += len(p)
+	return len(p), nil
+}
+
+// A slow stream keeps flowing to the client: bytes are not held back until
+// a whole buffer is full (which would take about a second here).
+func TestHashedCopySlowSource(t *testing.T) {
+	const size = 600 << 10
+	w := &firstWrite{start: time.Now()}
+	if _, err := hashedCopy(w, &trickle{left: size}, size, sha256.New()); err != nil || w.n != size {
+		t.Fatalf("copied %d of %d: %v", w.n, size, err)
+	}
+	if wait := w.at.Sub(w.start); wait > 500*time.Millisecond { // generous: the bound is chunkWait
+		t.Errorf("first bytes reached the client after %v", wait)
 	}
 }
