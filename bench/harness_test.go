@@ -341,7 +341,8 @@ func (h *harness) peer(t *testing.T) {
 	profileCPU(t, hb, b.Mirror.AdminAddr, b.Mirror.URL+path, "peer-B", b.Mirror.Pid())
 	profileCPU(t, hb, proxy.AdminAddr, proxy.URL+"/blob", "peer-reverse_proxy", proxy.Pid())
 	h.printf("## 2. Peer serving\n\nOne %s layer held by node A, fetched by a client through node B's mirror (B "+
-		"looks it up in the DHT, fetches it from A and checks its digest while streaming, hashing on a second goroutine: "+
+		"looks it up in the DHT, fetches it from A and checks its digest while streaming, hashing on a second "+
+		"goroutine: "+
 		"SHA-256 alone costs about 0.6 CPU s/GiB here), the nodes in two network "+
 		"namespaces; best of %d. Reference over the same two hops: a plain Caddy `reverse_proxy` in B's namespace in "+
 		"front of a plain `file_server` in A's. Targets: at least 0.8 of local serving (section 1), and at least the "+

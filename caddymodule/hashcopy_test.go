@@ -47,7 +47,8 @@ func TestHashedCopyShortSource(t *testing.T) {
 		t.Error("hash does not cover the bytes read")
 	}
 	readErr := errors.New("peer went away")
-	_, err = hashedCopy(io.Discard, io.MultiReader(bytes.NewReader(data[:1000]), iotest.ErrReader(readErr)), 1<<20, sha256.New())
+	failing := io.MultiReader(bytes.NewReader(data[:1000]), iotest.ErrReader(readErr))
+	_, err = hashedCopy(io.Discard, failing, 1<<20, sha256.New())
 	if !errors.Is(err, readErr) {
 		t.Errorf("copy from a failing source = %v, want its error", err)
 	}

@@ -124,8 +124,7 @@ func New(cfg Config, logger *zap.Logger) *Store {
 		mediaTypes: make(map[digest.Digest]string),
 		subs:       make(map[*Subscription]struct{}),
 	}
-	empty := ""
-	s.contentDir.Store(&contentDir{path: empty})
+	s.contentDir.Store(&contentDir{})
 	return s
 }
 
@@ -283,10 +282,10 @@ func (s *Store) Descriptor(ctx context.Context, dgst digest.Digest) (ocispec.Des
 	// no blob file, no blob, in any namespace: a miss is answered without
 	// a round trip to containerd once the folder proved to be its own
 	if cd := s.contentDir.Load(); cd.confirmed.Load() {
-		_, err := os.Lstat(cd.blobPath(dgst))
-		if errors.Is(err, fs.ErrNotExist) {
+		path := cd.blobPath(dgst)
+		if _, err := os.Lstat(path); errors.Is(err, fs.ErrNotExist) {
 			// and the folder is still there (an unmounted one is not)
-			if _, err := os.Stat(filepath.Dir(cd.blobPath(dgst))); err == nil {
+			if _, err := os.Stat(filepath.Dir(path)); err == nil {
 				return ocispec.Descriptor{}, fmt.Errorf("looking up %s: %w", dgst, ErrNotFound)
 			}
 		}

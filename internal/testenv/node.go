@@ -97,7 +97,8 @@ func StartNode(t T, name string, registryHost, upstream string, opts NodeOptions
 		}
 		return fmt.Sprintf("{\n\tadmin %s\n%s%s\tpeermirror {\n\t\tcontainerd {\n\t\t\taddress %s\n\t\t}\n"+
 			"\t\tdht {\n%s\t\t}\n%s\t}\n}\n\n:%d {\n%s\tpeermirror\n}\n%s",
-			admin, opts.debugOption(), opts.Global, n.Ctrd.Socket, dhtLines.String(), extra, port, opts.SiteExtra, opts.Sites)
+			admin, opts.debugOption(), opts.Global, n.Ctrd.Socket, dhtLines.String(), extra, port,
+			opts.SiteExtra, opts.Sites)
 	})
 	n.Ctrd.WriteHostsToml(t, registryHost, upstream, n.Mirror.URL)
 	return n
